@@ -1,0 +1,402 @@
+"""The one typed configuration: loaded from params.yaml, overridden with ``--set a.b=value``.
+
+Every default lives here and is written out in the project's ``params.yaml``; unknown keys,
+wrong types and out-of-range values are rejected with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffenc_core.errors import ConfigError
+
+Fraction = Field(gt=0.0, lt=1.0)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- data
+class BimodalConfig(_Section):
+    """``x = (z - c)^2`` read as a complex square, plus Gaussian noise: two posterior modes."""
+
+    shift: tuple[float, float] = (0.4, 0.0)
+    noise: float = Field(0.15, gt=0.0)
+
+
+class LinearGaussianConfig(_Section):
+    """Probabilistic PCA ``x = W z + b + noise``; W is drawn so the exact posterior has these stds."""
+
+    x_dim: int = Field(8, ge=1)
+    posterior_std: list[float] = Field(default_factory=lambda: [0.09, 0.26], min_length=1)
+    noise: float = Field(0.1, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LinearGaussianConfig:
+        if any(not (0.0 < s < 1.0) for s in self.posterior_std):
+            raise ValueError("posterior_std entries must lie in (0, 1) (the prior's std is 1)")
+        if len(self.posterior_std) > self.x_dim:
+            raise ValueError("needs len(posterior_std) <= x_dim")
+        return self
+
+
+class DataConfig(_Section):
+    """Which dataset to prepare and how to split it."""
+
+    dataset: Literal["digits", "sprites", "bimodal", "linear_gaussian", "file"] = "digits"
+    path: str | None = None
+    root: str = "data/prepared"
+    seed: int = 0
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    count: int = Field(20000, ge=10)
+    image_size: int = Field(32, ge=8, le=256)
+    bimodal: BimodalConfig = Field(default_factory=BimodalConfig)
+    linear_gaussian: LinearGaussianConfig = Field(default_factory=LinearGaussianConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.dataset == "file" and not self.path:
+            raise ValueError("dataset 'file' needs data.path (a .parquet, .npz/.npy or PNG folder)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Folder name under ``root``: the dataset, or the user's file stem."""
+        if self.dataset == "file" and self.path:
+            return Path(self.path).stem or "file"
+        return self.dataset
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+# -------------------------------------------------------------------------------------- model
+class DecoderConfig(_Section):
+    """``p(x|z) = N(f(z), sigma_x^2 I)``; conv for images when kind is auto."""
+
+    kind: Literal["auto", "mlp", "conv"] = "auto"
+    hidden: int = Field(256, ge=1)
+    depth: int = Field(2, ge=1)
+    learn_sigma: bool = True
+    sigma_init: float = Field(0.1, gt=0.0)
+    sigma_min: float = Field(0.01, gt=0.0)
+
+
+class EncoderConfig(_Section):
+    """The conditional epsilon-network of the diffusion encoder (docs/method.md §4)."""
+
+    base: Literal["gaussian", "whitened", "none"] = "gaussian"
+    hidden: int = Field(256, ge=1)
+    blocks: int = Field(3, ge=1)
+    time_embed_dim: int = Field(64, ge=2)
+    x_embed_dim: int = Field(128, ge=1)
+    logsnr_min: float = -8.0
+    logsnr_max: float = 12.0
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderConfig:
+        if self.logsnr_min >= self.logsnr_max:
+            raise ValueError("logsnr_min must be below logsnr_max")
+        return self
+
+
+class VAEConfig(_Section):
+    """The Gaussian encoder of the VAE baseline (and of the diffusion encoder's Gaussian base)."""
+
+    hidden: int = Field(256, ge=1)
+    depth: int = Field(2, ge=1)
+
+
+class ModelConfig(_Section):
+    latent_dim: int = Field(8, ge=1)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+
+
+# -------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    """Budget, optimisers and bookkeeping shared by both methods."""
+
+    method: Literal["diffusion", "vae"] = "diffusion"
+    run: str | None = None
+    runs_dir: str = "runs"
+    beta: float = Field(1.0, gt=0.0)
+    steps: int = Field(4000, ge=1)
+    time_budget_s: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=1)
+    lr_encoder: float = Field(1e-3, gt=0.0)
+    lr_decoder: float = Field(1e-3, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    threads: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    val_every: int = Field(500, ge=1)
+
+    @property
+    def run_name(self) -> str:
+        return self.run or self.method
+
+
+# ----------------------------------------------------------------------------------------- em
+class SMCConfig(_Section):
+    """Tempered sequential Monte Carlo: moves mass between posterior modes."""
+
+    particles: int = Field(8, ge=2)
+    temperatures: int = Field(24, ge=2)
+    moves: int = Field(2, ge=1)
+
+
+class EMConfig(_Section):
+    """The alternating E-step / encoder / M-step schedule (docs/method.md §3)."""
+
+    e_step: Literal["mala", "ula", "smc"] = "mala"
+    langevin_steps: int = Field(20, ge=0)
+    step_size: float = Field(0.01, gt=0.0)
+    step_size_max: float = Field(1.0, gt=0.0)
+    target_accept: float = Field(0.574, gt=0.0, lt=1.0)
+    adapt_rate: float = Field(0.1, ge=0.0)
+    alignment: float = Field(0.0, ge=0.0)
+    persistent: bool = True
+    init_sampler_steps: int = Field(10, ge=1)
+    encoder_updates: int = Field(2, ge=1)
+    decoder_updates: int = Field(1, ge=1)
+    warmup_steps: int = Field(200, ge=0)
+    warmup_langevin_steps: int = Field(60, ge=0)
+    max_retries: int = Field(3, ge=0)
+    smc: SMCConfig = Field(default_factory=SMCConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> EMConfig:
+        if self.step_size > self.step_size_max:
+            raise ValueError("step_size must not exceed step_size_max")
+        return self
+
+
+# --------------------------------------------------------------------------------------- eval
+class EvalConfig(_Section):
+    """What an evaluation computes (docs/method.md §8)."""
+
+    sampler: Literal["dpmpp2m", "ddim", "ancestral"] = "dpmpp2m"
+    sampler_steps: int = Field(10, ge=1)
+    rate_steps: int = Field(100, ge=1)
+    refine_steps: int = Field(20, ge=0)
+    iwae_k: int = Field(32, ge=1)
+    n_recon: int = Field(16, ge=1)
+    n_test: int = Field(500, ge=1)
+    exact_logq_max_dim: int = Field(4, ge=0)
+    batch_size: int = Field(250, ge=1)
+    active_unit_threshold: float = Field(0.01, gt=0.0)
+
+
+# --------------------------------------------------------------------------------------- tune
+class SearchDim(_Section):
+    """One dimension of the Optuna search space, keyed by a dotted config path."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDim:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs a non-empty 'choices' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type} dimension needs 'low' and 'high'")
+            if self.low >= self.high:
+                raise ValueError("'low' must be below 'high'")
+            if self.log and self.low <= 0:
+                raise ValueError("a log-scale dimension needs low > 0")
+        return self
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "em.step_size": SearchDim(type="float", low=1e-4, high=0.1, log=True),
+        "em.langevin_steps": SearchDim(type="int", low=5, high=40),
+        "em.e_step": SearchDim(type="categorical", choices=["mala", "ula"]),
+        "em.target_accept": SearchDim(type="float", low=0.4, high=0.8),
+        "em.alignment": SearchDim(type="float", low=1e-3, high=10.0, log=True),
+        "train.beta": SearchDim(type="float", low=0.25, high=4.0, log=True),
+        "em.encoder_updates": SearchDim(type="int", low=1, high=4),
+        "em.persistent": SearchDim(type="categorical", choices=[True, False]),
+        "train.lr_encoder": SearchDim(type="float", low=1e-4, high=3e-3, log=True),
+        "train.lr_decoder": SearchDim(type="float", low=1e-4, high=3e-3, log=True),
+    }
+
+
+class TuneConfig(_Section):
+    """An Optuna study over ``space`` (dotted config keys), resumable by re-running it."""
+
+    study: str = "diffenc"
+    storage: str | None = None
+    n_trials: int = Field(20, ge=1)
+    workers: int = Field(1, ge=1)
+    objective: Literal["neg_elbo", "distortion", "rate_distortion"] = "neg_elbo"
+    trial_steps: int = Field(300, ge=1)
+    report_every: int = Field(100, ge=1)
+    pruner: Literal["median", "none"] = "median"
+    sampler_seed: int = 0
+    heartbeat_interval: int = Field(5, ge=1)
+    grace_period: int = Field(15, ge=1)
+    max_retry: int = Field(2, ge=0)
+    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+
+
+# --------------------------------------------------------------------------------------- root
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    em: EMConfig = Field(default_factory=EMConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _check_space(self) -> Config:
+        for key in self.tune.space:
+            try:
+                _lookup(self.model_dump(), key.split("."))
+            except KeyError:
+                raise ValueError(f"tune.space key '{key}' is not a configuration key") from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
+    node: Any = tree
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(part)
+        node = node[part]
+    return node
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, full + "."))
+    return keys
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    known = _known_keys(Config)
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"{source}: unknown key '{key}'{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key or 'config'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.beta=0.5", ...]`` -> ``{"train.beta": 0.5}``; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.beta=0.5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict; a bad key or value raises ConfigError naming it."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__}: {err})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    return tree
+
+
+def load(
+    params: str | Path | None = "params.yaml",
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Load ``params`` (None = all defaults) and apply dotted overrides on top."""
+    tree: dict[str, Any] = read_yaml(params) if params is not None else {}
+    source = str(params) if params is not None else "config"
+    sets = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    for key, value in sets.items():
+        _set_dotted(tree, key, value, f"--set {key}")
+    return from_dict(tree, source)
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted overrides applied and re-validated."""
+    tree = cfg.to_dict()
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value, f"--set {key}")
+    return from_dict(tree)
+
+
+def dump(cfg: Config, path: str | Path | None = None) -> str:
+    """The fully resolved configuration as YAML (written to ``path`` if given, atomically)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if path is not None:
+        from diffenc_core.runs import atomic_write_text
+
+        atomic_write_text(Path(path), text)
+    return text

@@ -1,0 +1,398 @@
+"""Datasets, splits and the prepared-data Parquet format.
+
+``prepare(cfg.data)`` writes ``<root>/<name>/{train,val,test}.parquet`` and ``manifest.json``;
+``load_split`` reads one split back with its schema checked. Features are flattened float32
+vectors (images in [0, 1], row-major ``C x H x W``); labels and generating factors are optional.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from diffenc_core.config import DataConfig
+from diffenc_core.errors import DataError
+from diffenc_core.toys import Bimodal, LinearGaussian
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+MIN_ROWS = 10
+FEATURES = "x"
+LABEL = "label"
+FACTOR_PREFIX = "factor_"
+SPRITE_SHAPES = ("square", "ellipse", "heart")
+
+
+@dataclass
+class Arrays:
+    """An in-memory dataset before splitting."""
+
+    x: np.ndarray  # (N, D) float32
+    label: np.ndarray | None = None  # (N,) int64
+    factors: dict[str, np.ndarray] = field(default_factory=dict)
+    image_shape: tuple[int, int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Split:
+    """One prepared split, ready for training."""
+
+    x: torch.Tensor  # (N, D) float32
+    label: np.ndarray | None
+    factors: pd.DataFrame
+    image_shape: tuple[int, int, int] | None
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def x_dim(self) -> int:
+        return self.x.shape[1]
+
+
+# ------------------------------------------------------------------------------------ sources
+def digits() -> Arrays:
+    """sklearn's bundled 8x8 handwritten digits, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    return Arrays(x=x, label=d.target.astype(np.int64), image_shape=(1, 8, 8))
+
+
+def sprites(count: int, size: int, seed: int) -> Arrays:
+    """dSprites-like images: a square, ellipse or heart at a random scale, rotation and position.
+
+    Drawn by point-in-shape tests on a 2x2 supersampled grid (anti-aliased), all factors kept.
+    """
+    rng = np.random.default_rng(seed)
+    shape = rng.integers(0, len(SPRITE_SHAPES), count)
+    scale = rng.uniform(0.5, 1.0, count)
+    rotation = rng.uniform(0.0, 2 * math.pi, count)
+    pos_x = rng.uniform(0.25, 0.75, count)
+    pos_y = rng.uniform(0.25, 0.75, count)
+    sub = 2
+    n = size * sub
+    coords = (np.arange(n) + 0.5) / n
+    gy, gx = np.meshgrid(coords, coords, indexing="ij")
+    images = np.empty((count, size, size), dtype=np.float32)
+    radius = 0.18  # half-width of a unit-scale sprite, as a fraction of the canvas
+    for start in range(0, count, 512):
+        sl = slice(start, min(start + 512, count))
+        dx = gx[None] - pos_x[sl, None, None]
+        dy = gy[None] - pos_y[sl, None, None]
+        c, s = np.cos(rotation[sl])[:, None, None], np.sin(rotation[sl])[:, None, None]
+        r = radius * scale[sl, None, None]
+        u = (c * dx + s * dy) / r
+        v = (-s * dx + c * dy) / r
+        sq = (np.abs(u) <= 1) & (np.abs(v) <= 1)
+        el = (u / 1.0) ** 2 + (v / 0.6) ** 2 <= 1
+        # the heart curve (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, scaled to fit the unit box
+        hu, hv = u * 1.2, -v * 1.2 + 0.2
+        he = (hu**2 + hv**2 - 1) ** 3 - hu**2 * hv**3 <= 0
+        which = shape[sl, None, None]
+        mask = np.where(which == 0, sq, np.where(which == 1, el, he)).astype(np.float32)
+        images[sl] = mask.reshape(-1, size, sub, size, sub).mean(axis=(2, 4))
+    return Arrays(
+        x=images.reshape(count, -1),
+        label=shape.astype(np.int64),
+        factors={
+            "shape": shape.astype(np.float32),
+            "scale": scale.astype(np.float32),
+            "rotation": rotation.astype(np.float32),
+            "pos_x": pos_x.astype(np.float32),
+            "pos_y": pos_y.astype(np.float32),
+        },
+        image_shape=(1, size, size),
+        extra={"shapes": list(SPRITE_SHAPES)},
+    )
+
+
+def _toy(model: LinearGaussian | Bimodal, kind: str, count: int, seed: int) -> Arrays:
+    g = torch.Generator().manual_seed(seed)
+    x, z = model.sample(count, generator=g)
+    factors = {f"z{i}": z[:, i].numpy().astype(np.float32) for i in range(z.shape[1])}
+    truth = {"kind": kind, **model.to_dict()}
+    return Arrays(x=x.numpy().astype(np.float32), factors=factors, extra={"ground_truth": truth})
+
+
+def bimodal(cfg: DataConfig) -> Arrays:
+    """Samples of the fixed non-injective decoder whose exact posterior is bimodal."""
+    model = Bimodal(shift=tuple(cfg.bimodal.shift), noise=cfg.bimodal.noise)
+    return _toy(model, "bimodal", cfg.count, cfg.seed)
+
+
+def linear_gaussian(cfg: DataConfig) -> Arrays:
+    """Probabilistic PCA with known W, b, noise (exact posterior and evidence in closed form)."""
+    lg = cfg.linear_gaussian
+    model = LinearGaussian.from_posterior_std(lg.x_dim, lg.posterior_std, lg.noise, seed=cfg.seed)
+    return _toy(model, "linear_gaussian", cfg.count, cfg.seed + 1)
+
+
+# ---------------------------------------------------------------------------------- user files
+def _check_array(x: np.ndarray, where: str) -> np.ndarray:
+    if x.dtype == object or not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{where}: expected numeric data, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise DataError(f"{where}: expected one row per example (2-D or image stack), got shape {x.shape}")
+    if x.shape[0] < MIN_ROWS:
+        raise DataError(f"{where}: only {x.shape[0]} rows; at least {MIN_ROWS} are needed")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=tuple(range(1, x.ndim))).sum())
+        raise DataError(f"{where}: {bad} rows contain NaN or infinite values")
+    return x
+
+
+def _image_shape(x: np.ndarray) -> tuple[int, int, int] | None:
+    if x.ndim == 3:
+        return (1, x.shape[1], x.shape[2])
+    if x.ndim == 4:
+        return (x.shape[1], x.shape[2], x.shape[3])
+    return None
+
+
+def _from_array(x: np.ndarray, label: np.ndarray | None, where: str) -> Arrays:
+    x = _check_array(x, where)
+    shape = _image_shape(x)
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != (x.shape[0],) or not np.issubdtype(label.dtype, np.integer):
+            raise DataError(f"{where}: labels must be integers, one per row ({x.shape[0]}), got {label.shape}")
+    return Arrays(x=x.reshape(x.shape[0], -1), label=label, image_shape=shape)
+
+
+def _read_parquet_file(path: Path) -> Arrays:
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err.__class__.__name__})") from None
+    label = df.pop(LABEL).to_numpy() if LABEL in df.columns else None
+    if FEATURES in df.columns:
+        try:
+            x = np.stack([np.asarray(v, dtype=np.float32) for v in df[FEATURES]])
+        except (ValueError, TypeError):
+            raise DataError(f"{path}: column '{FEATURES}' must hold equal-length numeric lists") from None
+    else:
+        non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+        if non_numeric:
+            raise DataError(
+                f"{path}: non-numeric columns {non_numeric}; expected numbers or a '{FEATURES}' list column"
+            )
+        if df.shape[1] == 0:
+            raise DataError(f"{path}: no feature columns")
+        x = df.to_numpy()
+    if label is not None and (pd.isna(label).any() or not np.issubdtype(np.asarray(label).dtype, np.integer)):
+        raise DataError(f"{path}: column '{LABEL}' must hold integers without gaps")
+    return _from_array(x, label, str(path))
+
+
+def _read_numpy_file(path: Path) -> Arrays:
+    try:
+        if path.suffix == ".npy":
+            return _from_array(np.load(path, allow_pickle=False), None, str(path))
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if not keys:
+                raise DataError(f"{path}: the archive holds no arrays")
+            xkey = "x" if "x" in keys else keys[0]
+            ykey = next((k for k in ("y", "label", "labels") if k in keys), None)
+            return _from_array(npz[xkey], npz[ykey] if ykey else None, f"{path}[{xkey}]")
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: not a readable NumPy file ({err.__class__.__name__}: {err})") from None
+
+
+def _read_png_folder(path: Path) -> Arrays:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*.png") if p.is_file())
+    if len(files) < MIN_ROWS:
+        raise DataError(f"{path}: found {len(files)} PNG images; at least {MIN_ROWS} are needed")
+    classes = sorted({p.parent.name for p in files if p.parent != path})
+    images, labels = [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError):
+            raise DataError(f"{p}: not a readable PNG image") from None
+        if images and arr.shape != images[0].shape:
+            raise DataError(f"{p}: size {arr.shape[::-1]} differs from {images[0].shape[::-1]} of {files[0]}")
+        images.append(arr)
+        labels.append(classes.index(p.parent.name) if p.parent != path and classes else -1)
+    label = np.asarray(labels, dtype=np.int64) if classes and min(labels) >= 0 else None
+    arrays = _from_array(np.stack(images), label, str(path))
+    if classes:
+        arrays.extra["classes"] = classes
+    return arrays
+
+
+def user_file(path: str) -> Arrays:
+    """The user's own data: ``.parquet``, ``.npz``/``.npy`` or a folder of PNG images."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: file not found (data.path)")
+    if p.is_dir():
+        return _read_png_folder(p)
+    if p.suffix == ".parquet":
+        return _read_parquet_file(p)
+    if p.suffix in (".npz", ".npy"):
+        return _read_numpy_file(p)
+    raise DataError(f"{p}: unsupported file type '{p.suffix}'; expected .parquet, .npz, .npy or a PNG folder")
+
+
+def load_source(cfg: DataConfig) -> Arrays:
+    """The full dataset named by ``cfg.dataset``."""
+    if cfg.dataset == "digits":
+        return digits()
+    if cfg.dataset == "sprites":
+        return sprites(cfg.count, cfg.image_size, cfg.seed)
+    if cfg.dataset == "bimodal":
+        return bimodal(cfg)
+    if cfg.dataset == "linear_gaussian":
+        return linear_gaussian(cfg)
+    return user_file(cfg.path or "")
+
+
+# ---------------------------------------------------------------------------------- splitting
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """A seeded permutation cut into train / val / test (each non-empty)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_fraction))
+    n_test = max(1, round(n * test_fraction))
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise DataError(f"{n} rows are too few to split into train/val/test")
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
+
+
+def to_table(arrays: Arrays, idx: np.ndarray) -> pa.Table:
+    """The checked schema: ``index``, ``x`` (fixed-size list<float32>), optional label and factors."""
+    x = arrays.x[idx]
+    flat = pa.array(x.reshape(-1), type=pa.float32())
+    cols: dict[str, pa.Array] = {
+        "index": pa.array(np.arange(len(idx), dtype=np.int64)),
+        "source_row": pa.array(idx.astype(np.int64)),
+        FEATURES: pa.FixedSizeListArray.from_arrays(flat, x.shape[1]),
+    }
+    if arrays.label is not None:
+        cols[LABEL] = pa.array(arrays.label[idx].astype(np.int64))
+    for name, values in arrays.factors.items():
+        cols[FACTOR_PREFIX + name] = pa.array(values[idx].astype(np.float32))
+    return pa.table(cols)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare(cfg: DataConfig) -> Path:
+    """Build the prepared dataset folder atomically and return its path.
+
+    Everything is written into a temporary sibling folder that replaces the target only once
+    complete, so an interrupted or failed prepare leaves the previous state untouched.
+    """
+    arrays = load_source(cfg)
+    parts = split_indices(arrays.x.shape[0], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    target = cfg.prepared_dir
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hashes = {}
+        for split, idx in parts.items():
+            path = tmp / f"{split}.parquet"
+            pq.write_table(to_table(arrays, idx), path)
+            hashes[f"{split}.parquet"] = _sha256(path)
+        manifest = {
+            "dataset": cfg.dataset,
+            "source": str(Path(cfg.path).resolve()) if cfg.dataset == "file" and cfg.path else cfg.dataset,
+            "seed": cfg.seed,
+            "sizes": {k: int(len(v)) for k, v in parts.items()},
+            "x_dim": int(arrays.x.shape[1]),
+            "image_shape": list(arrays.image_shape) if arrays.image_shape else None,
+            "has_label": arrays.label is not None,
+            "factors": list(arrays.factors),
+            "sha256": hashes,
+            **arrays.extra,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    p = Path(prepared_dir) / MANIFEST
+    if not p.is_file():
+        raise DataError(f"{p}: missing — run `diffenc prepare` for this dataset first")
+    try:
+        manifest = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{p}: not valid JSON (re-run `diffenc prepare`)") from None
+    for key in ("x_dim", "sizes"):
+        if key not in manifest:
+            raise DataError(f"{p}: missing key '{key}' (re-run `diffenc prepare`)")
+    return manifest
+
+
+def load_split(prepared_dir: str | Path, split: str) -> Split:
+    """Read one split, checking its schema against the manifest."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; expected one of {SPLITS}")
+    manifest = read_manifest(prepared_dir)
+    path = Path(prepared_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: missing (re-run `diffenc prepare`)")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err.__class__.__name__})") from None
+    if FEATURES not in table.column_names:
+        raise DataError(f"{path}: no '{FEATURES}' column")
+    col = table.column(FEATURES).combine_chunks()
+    dim = manifest["x_dim"]
+    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != dim:
+        raise DataError(f"{path}: column '{FEATURES}' must be fixed_size_list<float32>[{dim}], got {col.type}")
+    x = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: contains NaN or infinite features")
+    label = table.column(LABEL).to_numpy() if LABEL in table.column_names else None
+    factors = pd.DataFrame(
+        {c[len(FACTOR_PREFIX) :]: table.column(c).to_numpy() for c in table.column_names if c.startswith(FACTOR_PREFIX)}
+    )
+    shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
+    return Split(x=torch.from_numpy(x.copy()), label=label, factors=factors, image_shape=shape, manifest=manifest)

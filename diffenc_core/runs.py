@@ -1,0 +1,244 @@
+"""The run directory: atomic writes, status, and reading runs back (docs/architecture.md).
+
+Every front (CLI, DVC stages, Prefect flows, Optuna trials, the dashboard) reads and writes runs
+only through this module, so the layout below is the one contract between them::
+
+    runs/<name>/status.json  params.yaml  history.parquet  metrics.json
+                recon.parquet  latents.parquet  plots/  checkpoints/{last,best}.pt
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffenc_core.errors import RunError
+
+STATUS = "status.json"
+PARAMS = "params.yaml"
+HISTORY = "history.parquet"
+METRICS = "metrics.json"
+RECON = "recon.parquet"
+LATENTS = "latents.parquet"
+PLOTS = "plots"
+CHECKPOINTS = "checkpoints"
+
+
+# ------------------------------------------------------------------------------ atomic writes
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def atomic_write_parquet(path: str | Path, table: pa.Table | pd.DataFrame) -> None:
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded with every run."""
+    import numpy
+    import torch
+
+    from diffenc_core import __version__
+
+    return {
+        "diffenc": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------- run object
+@dataclass
+class Run:
+    """A handle on one run directory; reading is tolerant, writing is atomic."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / PLOTS
+
+    # -- status
+    def status(self) -> dict[str, Any]:
+        return self._read_json(STATUS) or {}
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        current = self.status()
+        current.update(extra)
+        current["state"] = state
+        if state == "running":
+            current.setdefault("started", now())
+            current.pop("error", None)
+            current.pop("finished", None)
+        else:
+            current["finished"] = now()
+        current.setdefault("versions", versions())
+        atomic_write_json(self.file(STATUS), current)
+
+    # -- tables and metrics
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.file(METRICS), metrics)
+
+    def metrics(self) -> dict[str, Any]:
+        return self._read_json(METRICS) or {}
+
+    def write_table(self, name: str, df: pd.DataFrame) -> None:
+        atomic_write_parquet(self.file(name), df)
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        p = self.file(name)
+        if not p.exists():
+            return None
+        try:
+            return pd.read_parquet(p)
+        except Exception as err:  # a torn or foreign file: report, never crash a reader
+            self.problems.append(f"{name}: unreadable ({err.__class__.__name__})")
+            return None
+
+    def history(self) -> pd.DataFrame | None:
+        return self.table(HISTORY)
+
+    def params(self) -> dict[str, Any]:
+        import yaml
+
+        p = self.file(PARAMS)
+        if not p.exists():
+            return {}
+        try:
+            tree = yaml.safe_load(p.read_text())
+            return tree if isinstance(tree, dict) else {}
+        except Exception as err:
+            self.problems.append(f"{PARAMS}: unreadable ({err.__class__.__name__})")
+            return {}
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        p = self.file(name)
+        if not p.exists():
+            return None
+        try:
+            obj = json.loads(p.read_text())
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+            return obj
+        except Exception as err:
+            self.problems.append(f"{name}: unreadable ({err.__class__.__name__})")
+            return None
+
+    def summary(self) -> dict[str, Any]:
+        """One flat row for a runs table: name, method, dataset, beta, state, final metrics."""
+        params = self.params()
+        status = self.status()
+        row: dict[str, Any] = {
+            "run": str(self.path),
+            "name": self.name,
+            "method": params.get("train", {}).get("method"),
+            "dataset": params.get("data", {}).get("dataset"),
+            "beta": params.get("train", {}).get("beta"),
+            "latent_dim": params.get("model", {}).get("latent_dim"),
+            "state": status.get("state", "unknown"),
+            "started": status.get("started"),
+            "finished": status.get("finished"),
+            "error": status.get("error"),
+        }
+        row.update(self.metrics())
+        if not params:
+            self.problems.append(f"{PARAMS}: missing")
+        row["problems"] = "; ".join(self.problems) or None
+        return row
+
+
+def create(runs_dir: str | Path, name: str) -> Run:
+    """Make (or reopen) ``runs_dir/name`` with its sub-folders."""
+    path = Path(runs_dir) / name
+    (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    (path / PLOTS).mkdir(parents=True, exist_ok=True)
+    return Run(path)
+
+
+def open_run(path: str | Path) -> Run:
+    """An existing run; an unknown path is a RunError naming it."""
+    p = Path(path)
+    if not p.is_dir() or not ((p / STATUS).exists() or (p / PARAMS).exists()):
+        raise RunError(f"{p}: not a run directory (expected {STATUS} or {PARAMS} inside)")
+    return Run(p)
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every run directory below ``root`` (nested, e.g. tuning trials), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = {p.parent for p in root.rglob(STATUS)} | {p.parent for p in root.rglob(PARAMS)}
+    found = {p for p in found if CHECKPOINTS not in p.parts}
+    return [Run(p) for p in sorted(found)]
+
+
+def runs_table(root: str | Path) -> pd.DataFrame:
+    """All runs below ``root`` as one DataFrame (one row each, problems listed, never raising)."""
+    rows = [r.summary() for r in find_runs(root)]
+    return pd.DataFrame(rows)
