@@ -1,0 +1,72 @@
+"""Honest checkpoints: everything needed to resume bit-identically, written atomically, loaded safely.
+
+A checkpoint holds model and optimiser state, the step, the RNG states, the persistent Langevin
+chains and step sizes, and the resolved configuration. It is loaded with ``weights_only=True``
+(no pickle of anything a user hands us) and checked for our own format marker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffenc_core.errors import CheckpointError
+from diffenc_core.runs import atomic_path
+
+FORMAT = "diffenc-checkpoint"
+VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch RNG states (CPU and, when present, CUDA)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_finite(obj: Any) -> bool:
+    """True if every floating tensor inside ``obj`` (nested dicts/lists) is finite."""
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return all(all_finite(v) for v in obj)
+    return True
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (plus format marker) to ``path`` atomically; refuse non-finite values."""
+    if not all_finite(payload):
+        raise CheckpointError(f"{path}: refusing to write a checkpoint with NaN or infinite values")
+    body = {"format": FORMAT, "version": VERSION, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(body, tmp)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint we wrote; a missing, corrupt or foreign file raises CheckpointError."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        body = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{p}: not a readable diffenc checkpoint ({err.__class__.__name__}); "
+            "it may be truncated or come from another program"
+        ) from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a diffenc checkpoint (no '{FORMAT}' marker)")
+    if body.get("version") != VERSION:
+        raise CheckpointError(f"{p}: checkpoint format version {body.get('version')} is not {VERSION}")
+    return body

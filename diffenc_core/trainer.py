@@ -1,0 +1,217 @@
+"""The training loop shared by both methods: data, run directory, progress, checkpoints, resume.
+
+``train(cfg)`` writes ``runs/<name>/`` (status, params, history, checkpoints). With
+``resume=True`` it continues from ``checkpoints/last.pt`` bit-identically on CPU: batches are a
+function of (seed, step), and the RNG state is part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from diffenc_core import checkpoint, data, runs
+from diffenc_core.config import Config, dump
+from diffenc_core.em import DiffusionEM
+from diffenc_core.errors import CheckpointError, DivergenceError
+from diffenc_core.vae import GaussianVAE
+
+Callback = Callable[[int, dict[str, float]], None]
+
+
+class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a validation callback (e.g. a tuning pruner) to end a run early."""
+
+
+def device_for(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        from diffenc_core.errors import ConfigError
+
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(cfg.train.device)
+
+
+def build_method(cfg: Config, split: data.Split) -> DiffusionEM | GaussianVAE:
+    """The model of ``cfg.train.method`` sized for ``split``."""
+    if cfg.train.method == "vae":
+        return GaussianVAE(cfg, split.x_dim, split.image_shape)
+    return DiffusionEM(cfg, split.x_dim, len(split), split.image_shape)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> Tensor:
+    """The mini-batch of ``step``: a slice of the seeded permutation of its epoch."""
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    b = min(batch_size, n)
+    return perm[pos * b : (pos + 1) * b]
+
+
+@dataclass
+class Validation:
+    """Cheap held-out numbers tracked during training (and reported to pruners)."""
+
+    x: Tensor
+
+    @torch.no_grad()
+    def __call__(self, method: DiffusionEM | GaussianVAE) -> dict[str, float]:
+        z, rate = method.encode_with_rate(self.x)
+        ll = method.decoder.log_prob(self.x, z)
+        mse = (method.decoder.mean(z) - self.x).pow(2).mean(-1)
+        return {
+            "val_neg_elbo": (rate - ll).mean().item(),
+            "val_rate": rate.mean().item(),
+            "val_distortion": (-ll).mean().item(),
+            "val_mse": mse.mean().item(),
+        }
+
+
+def _fresh_run(run: runs.Run) -> None:
+    """Clear what an earlier run of the same name left, so a new run starts from nothing."""
+    for name in (runs.HISTORY, runs.METRICS, runs.RECON, runs.LATENTS, "posterior.parquet"):
+        run.file(name).unlink(missing_ok=True)
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+    shutil.rmtree(run.plots_dir, ignore_errors=True)
+    run.checkpoint_dir.mkdir(parents=True)
+    run.plots_dir.mkdir(parents=True)
+
+
+def train(
+    cfg: Config,
+    resume: bool = False,
+    progress: bool = True,
+    on_log: Callback | None = None,
+    on_validate: Callback | None = None,
+    val_size: int = 256,
+) -> runs.Run:
+    """Train ``cfg.train.method`` and return its run; marks the run failed (and re-raises) on error."""
+    train_split = data.load_split(cfg.data.prepared_dir, "train")
+    val_split = data.load_split(cfg.data.prepared_dir, "val")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = device_for(cfg)
+    run = runs.create(cfg.train.runs_dir, cfg.train.run_name)
+    last = run.checkpoint_dir / "last.pt"
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg, train_split).to(device)
+    history: list[dict[str, Any]] = []
+    start, elapsed, best = 0, 0.0, math.inf
+    saved_step = -1
+    if resume and last.exists():
+        state = checkpoint.load(last, map_location=device)
+        if state.get("method") != method.name:
+            raise CheckpointError(f"{last}: holds a '{state.get('method')}' run, not '{method.name}'")
+        try:
+            method.load_state(state)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{last}: does not fit this configuration ({err})") from None
+        checkpoint.set_rng_state(state["rng"])
+        start, elapsed, best = int(state["step"]), float(state["elapsed_s"]), float(state["best"])
+        saved_step = start
+        old = run.history()
+        if old is not None:
+            history = old[old["step"] < start].to_dict("records")
+    else:
+        _fresh_run(run)
+    dump(cfg, run.file(runs.PARAMS))
+    run.set_status("running", seed=cfg.train.seed, method=method.name, resumed_from=start or None)
+    x_train = train_split.x.to(device)
+    validate = Validation(val_split.x[:val_size].to(device))
+
+    def save(step: int, val: dict[str, float] | None) -> None:
+        nonlocal best, saved_step
+        saved_step = step
+        payload = {
+            "method": method.name,
+            "step": step,
+            "elapsed_s": elapsed,
+            "best": best,
+            "rng": checkpoint.rng_state(),
+            "config": cfg.to_dict(),
+            **method.state(),
+        }
+        checkpoint.save(last, payload)
+        if val is not None and val["val_neg_elbo"] < best:
+            best = val["val_neg_elbo"]
+            payload["best"] = best
+            checkpoint.save(run.checkpoint_dir / "best.pt", payload)
+
+    bar = _progress(progress, cfg.train.steps, start, run.name)
+    step = start
+    try:
+        while step < cfg.train.steps:
+            if cfg.train.time_budget_s and elapsed >= cfg.train.time_budget_s:
+                break
+            t0 = time.perf_counter()
+            idx = batch_indices(cfg.train.seed, step, len(train_split), cfg.train.batch_size).to(device)
+            stats = method.train_step(step, idx, x_train[idx])
+            elapsed += time.perf_counter() - t0
+            step += 1
+            if not all(math.isfinite(v) for v in stats.values()):
+                raise DivergenceError(f"step {step}: non-finite training loss {stats}")
+            val = None
+            if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+                val = validate(method)
+            if step % cfg.train.log_every == 0 or val is not None:
+                row = {"step": step, "epoch": step * cfg.train.batch_size / len(train_split),
+                       "time_s": elapsed, **stats, **(val or {})}
+                history.append(row)
+                run.write_table(runs.HISTORY, pd.DataFrame(history))
+                if on_log:
+                    on_log(step, row)
+                bar.update(step, row)
+            if val is not None and on_validate:
+                on_validate(step, val)
+            if step % cfg.train.checkpoint_every == 0 or val is not None:
+                save(step, val)
+        if saved_step != step:
+            save(step, validate(method))
+        run.set_status("done", steps=step, elapsed_s=round(elapsed, 3))
+    except StopTraining as stop:
+        run.set_status("stopped", steps=step, reason=str(stop))
+        raise
+    except BaseException as err:
+        run.set_status("failed", steps=step, error=f"{err.__class__.__name__}: {err}")
+        raise
+    finally:
+        bar.close()
+    return run
+
+
+class _progress:
+    """A rich progress bar with the loss, sync gap and acceptance (silent when disabled)."""
+
+    FIELDS = ("loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
+
+    def __init__(self, enabled: bool, total: int, start: int, name: str):
+        self.prog = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.prog = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            )
+            self.prog.start()
+            self.task = self.prog.add_task(name, total=total, completed=start, info="")
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        if self.prog is None:
+            return
+        info = "  ".join(f"{k}={row[k]:.3g}" for k in self.FIELDS if k in row)
+        self.prog.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.prog is not None:
+            self.prog.stop()

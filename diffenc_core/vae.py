@@ -1,0 +1,94 @@
+"""The Gaussian-VAE baseline (docs/method.md §6): same decoder and latent size, trained jointly.
+
+Loss per example: ``-E_q log p(x|z) + beta * KL(N(mu, std^2) || N(0, I))`` by reparameterisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffenc_core.config import Config
+from diffenc_core.networks import GaussianEncoderNet, build_decoder
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_kl(mu: Tensor, log_std: Tensor) -> Tensor:
+    """``KL(N(mu, diag exp(2 log_std)) || N(0, I))`` per example, in nats."""
+    return 0.5 * (mu.pow(2) + (2 * log_std).exp() - 1.0 - 2 * log_std).sum(-1)
+
+
+def gaussian_log_q(z: Tensor, mu: Tensor, log_std: Tensor) -> Tensor:
+    return (-0.5 * ((z - mu) / log_std.exp()).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+class GaussianVAE(nn.Module):
+    """Encoder ``N(mu(x), diag std(x)^2)`` + the shared decoder."""
+
+    name = "vae"
+
+    def __init__(self, cfg: Config, x_dim: int, image_shape: tuple[int, int, int] | None = None):
+        super().__init__()
+        self.beta = cfg.train.beta
+        self.grad_clip = cfg.train.grad_clip
+        self.encoder = GaussianEncoderNet.from_config(x_dim, cfg.model.latent_dim, cfg.model.vae, image_shape)
+        self.decoder = build_decoder(cfg.model, x_dim, image_shape)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": self.encoder.parameters(), "lr": cfg.train.lr_encoder},
+                {"params": self.decoder.parameters(), "lr": cfg.train.lr_decoder},
+            ]
+        )
+
+    # -- training
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        mu, log_std = self.encoder(x)
+        z = mu + log_std.exp() * torch.randn_like(mu)
+        rec = -self.decoder.log_prob(x, z)
+        kl = gaussian_kl(mu, log_std)
+        loss = (rec + self.beta * kl).mean()
+        return loss, {"loss_vae": loss.item(), "recon_nll": rec.mean().item(), "rate": kl.mean().item()}
+
+    def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
+        loss, stats = self.loss(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
+        self.optimizer.step()
+        stats["sigma_x"] = self.decoder.sigma().item()
+        return stats
+
+    # -- checkpoint
+    def state(self) -> dict[str, Any]:
+        return {"models": self.state_dict(), "optimizers": {"vae": self.optimizer.state_dict()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["models"])
+        self.optimizer.load_state_dict(state["optimizers"]["vae"])
+
+    # -- the amortised encoder, as evaluation sees it
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        mu, log_std = self.encoder(x)
+        return mu + log_std.exp() * torch.randn_like(mu)
+
+    @torch.no_grad()
+    def encode_with_rate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A sample and the exact rate ``KL(q(z|x) || p(z))``."""
+        mu, log_std = self.encoder(x)
+        return mu + log_std.exp() * torch.randn_like(mu), gaussian_kl(mu, log_std)
+
+    @torch.no_grad()
+    def encode_with_log_q(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A sample and its exact ``log q(z|x)`` (for ELBO and IWAE)."""
+        mu, log_std = self.encoder(x)
+        z = mu + log_std.exp() * torch.randn_like(mu)
+        return z, gaussian_log_q(z, mu, log_std)
+
+    def encoder_nfe(self) -> int:
+        return 1
