@@ -70,6 +70,48 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     console.print(f"prepared [bold]{out}[/]")
 
 
+@app.command()
+@user_errors
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/."""
+    from flows.entry import train_entry
+
+    cfg = load_config(params, set_)
+    out = train_entry(cfg, resume=resume, progress=progress)
+    console.print(f"trained [bold]{out}[/]")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    run: Annotated[Path | None, typer.Option(help="run directory (default: runs_dir/run from the config)")] = None,
+) -> None:
+    """Evaluate a trained run: metrics.json, recon/latents Parquet and plots."""
+    from flows.entry import evaluate_entry
+
+    cfg = load_config(params, set_)
+    out = evaluate_entry(cfg, run)
+    print_metrics(out)
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """The scalar metrics as a two-column table."""
+    from rich.table import Table
+
+    table = Table("metric", "value")
+    for key, value in metrics.items():
+        if isinstance(value, int | float | str):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 @app.command("config")
 @user_errors
 def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:

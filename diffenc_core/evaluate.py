@@ -1,0 +1,254 @@
+"""Evaluate a trained run (docs/method.md §8) and write its metrics, tables and plots.
+
+Reads ``checkpoints/last.pt`` and the test split; writes ``metrics.json``, ``recon.parquet``,
+``latents.parquet`` (and ``posterior.parquet`` for the toys with a known posterior) and
+``plots/*.png``. The model configuration comes from the checkpoint; ``eval`` from the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from diffenc_core import checkpoint, data, metrics, plots, runs
+from diffenc_core.config import Config, from_dict
+from diffenc_core.em import DiffusionEM
+from diffenc_core.errors import RunError
+from diffenc_core.langevin import e_step
+from diffenc_core.toys import Bimodal, LinearGaussian, std_normal_log_prob, toy_from_manifest
+from diffenc_core.trainer import device_for
+from diffenc_core.vae import GaussianVAE
+
+Method = DiffusionEM | GaussianVAE
+POSTERIOR = "posterior.parquet"
+
+
+def load_method(run: runs.Run, eval_cfg: Config | None = None) -> tuple[Method, Config]:
+    """Rebuild a run's model from its last checkpoint (its own config, the caller's eval section)."""
+    state = checkpoint.load(run.checkpoint_dir / "last.pt")
+    cfg = from_dict(state["config"], f"{run.checkpoint_dir / 'last.pt'}[config]")
+    if eval_cfg is not None:
+        cfg = cfg.model_copy(update={"eval": eval_cfg.eval})
+    manifest = data.read_manifest(cfg.data.prepared_dir)
+    shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
+    if state["method"] == "vae":
+        method: Method = GaussianVAE(cfg, manifest["x_dim"], shape)
+    else:
+        method = DiffusionEM(cfg, manifest["x_dim"], manifest["sizes"]["train"], shape)
+    method.load_state(state)
+    method.to(device_for(cfg)).eval()
+    return method, cfg
+
+
+def _batched(fn, x: Tensor, size: int) -> list[Any]:
+    return [fn(x[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def _cat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
+def refine(method: Method, x: Tensor, z0: Tensor, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
+    """``refine_steps`` of MALA from the amortised ``z0`` on the beta-tempered posterior."""
+    log_step = torch.full((x.shape[0],), float(np.log(cfg.em.step_size)), device=x.device)
+    res = e_step(
+        method.decoder.log_prob, x, z0, log_step, steps=cfg.eval.refine_steps, beta=cfg.train.beta,
+        target_accept=cfg.em.target_accept, adapt_rate=cfg.em.adapt_rate, step_max=cfg.em.step_size_max,
+        max_retries=cfg.em.max_retries,
+    )
+    return res.z, res.gap, res.accept
+
+
+@torch.no_grad()
+def _posterior_mean(method: Method, x: Tensor, samples: int = 8) -> Tensor:
+    if isinstance(method, GaussianVAE):
+        return method.encoder(x)[0]
+    return torch.stack([method.encode(x) for _ in range(samples)]).mean(0)
+
+
+def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
+    """Evaluate ``run`` (default: the run named by ``cfg.train``) and write its outputs."""
+    if run is None:
+        run = runs.open_run(Path(cfg.train.runs_dir) / cfg.train.run_name)
+    if not (run.checkpoint_dir / "last.pt").exists():
+        raise RunError(f"{run.path}: no checkpoints/last.pt — train this run before evaluating it")
+    method, cfg = load_method(run, cfg)
+    ev = cfg.eval
+    torch.manual_seed(cfg.train.seed + 1)
+    device = device_for(cfg)
+    test = data.load_split(cfg.data.prepared_dir, "test")
+    n = min(ev.n_test, len(test))
+    x = test.x[:n].to(device)
+    bs = ev.batch_size
+    out: dict[str, Any] = {"method": method.name, "n_test": n, "beta": cfg.train.beta,
+                           "latent_dim": cfg.model.latent_dim}
+
+    # amortised encoding, timed
+    t0 = time.perf_counter()
+    z_amort = _cat(_batched(method.encode, x, bs))
+    out["encode_seconds_per_1000"] = (time.perf_counter() - t0) / n * 1000
+    out["encoder_nfe"] = method.encoder_nfe()
+    with torch.no_grad():
+        rec_amort = method.decoder.mean(z_amort)
+    z_ref, gap, acc = _cat([refine(method, x[i : i + bs], z_amort[i : i + bs], cfg) for i in range(0, n, bs)])
+    with torch.no_grad():
+        rec_ref = method.decoder.mean(z_ref)
+    mse_a, mse_r = metrics.mse(x, rec_amort), metrics.mse(x, rec_ref)
+    out.update(
+        mse_amortised=mse_a.mean().item(), mse_refined=mse_r.mean().item(),
+        psnr_amortised_db=metrics.psnr_db(mse_a.mean().item()), psnr_refined_db=metrics.psnr_db(mse_r.mean().item()),
+        sync_gap_nats=gap.mean().item(), langevin_accept=acc.mean().item(), refine_steps=ev.refine_steps,
+    )
+
+    # rate and ELBO (path bound for the diffusion encoder, closed form for the VAE)
+    z_rate, rate = _cat(_batched(method.encode_with_rate, x, bs))
+    with torch.no_grad():
+        ll = method.decoder.log_prob(x, z_rate)
+    elbo = ll - rate
+    out.update(rate_nats=rate.mean().item(), distortion_nats=(-ll).mean().item(), elbo_nats=elbo.mean().item(),
+               neg_elbo_nats=-elbo.mean().item(), sigma_x=method.decoder.sigma().item())
+    if isinstance(method, DiffusionEM):
+        si = _cat(_batched(lambda xb: method.amortised.score_integral(xb, method.encode(xb)), x, bs))
+        out["rate_score_integral_nats"] = si.mean().item()
+
+    # exact log q: ELBO with the exact rate, and IWAE-k (VAE always; diffusion for small d)
+    exact_ok = isinstance(method, GaussianVAE) or cfg.model.latent_dim <= ev.exact_logq_max_dim
+    elbo_exact = None
+    if exact_ok:
+        n_iw = min(n, max(1, 4096 // ev.iwae_k))
+        xi = x[:n_iw]
+        zs, lqs = [], []
+        for _ in range(ev.iwae_k):
+            z, lq = method.encode_with_log_q(xi)
+            zs.append(z)
+            lqs.append(lq)
+        z_k, lq_k = torch.stack(zs), torch.stack(lqs)
+        with torch.no_grad():
+            lj = method.decoder.log_prob(xi.expand(ev.iwae_k, -1, -1).reshape(-1, xi.shape[1]),
+                                         z_k.reshape(-1, z_k.shape[-1])).reshape(ev.iwae_k, -1)
+            lj = lj + std_normal_log_prob(z_k)
+        elbo_exact = (lj - lq_k).mean(0)
+        out[f"iwae_{ev.iwae_k}_nats"] = metrics.iwae_bound(lj, lq_k).mean().item()
+        out["elbo_exact_logq_nats"] = elbo_exact.mean().item()
+        out["rate_exact_logq_nats"] = (lq_k - std_normal_log_prob(z_k)).mean().item()
+        out["n_iwae"] = n_iw
+
+    # latent statistics and probes
+    z_mean = _cat(_batched(lambda xb: _posterior_mean(method, xb), x, bs))
+    out.update(metrics.latent_statistics(z_mean.cpu(), z_amort.cpu(), ev.active_unit_threshold))
+    label = test.label[:n] if test.label is not None else None
+    if label is not None and n >= 20:
+        half = n // 2
+        zc = z_mean.cpu().numpy()
+        out["probe_accuracy"] = metrics.probe_accuracy(zc[:half], label[:half], zc[half:], label[half:])
+
+    # ground truth, where the data came from a known decoder
+    truth = toy_from_manifest(test.manifest)
+    posterior_rows = None
+    if truth is not None:
+        out.update(_ground_truth(method, truth, x, elbo, elbo_exact, cfg))
+        posterior_rows = _posterior_table(method, truth, x[: min(4, n)], cfg)
+
+    _write_tables(run, test, n, x, rec_amort, rec_ref, mse_a, mse_r, z_amort, z_mean, rate, ev.n_recon)
+    if posterior_rows is not None:
+        run.write_table(POSTERIOR, posterior_rows)
+    _write_plots(run, test, x, rec_amort, rec_ref, z_mean, label, ev.n_recon, posterior_rows)
+    out = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
+    run.write_metrics(out)
+    return out
+
+
+def _ground_truth(method: Method, truth: LinearGaussian | Bimodal, x: Tensor, elbo: Tensor,
+                  elbo_exact: Tensor | None, cfg: Config) -> dict[str, float]:
+    """ELBO gaps to the exact ``log p(x)``, and (bimodal) the error in the mode masses."""
+    log_px = truth.log_evidence(x.cpu()).to(x.device)
+    out = metrics.gap_summary(log_px - elbo, "elbo_gap")
+    out["log_px_nats"] = log_px.mean().item()
+    if elbo_exact is not None:
+        out.update(metrics.gap_summary(log_px[: elbo_exact.shape[0]] - elbo_exact, "elbo_gap_exact_logq"))
+    if isinstance(truth, Bimodal):
+        k = 64
+        xs = x[: min(100, x.shape[0])]
+        zk = torch.stack([method.encode(xs) for _ in range(k)])
+        plus = (truth.mode_sign(xs.unsqueeze(0).cpu(), zk.cpu()) > 0).float().mean(0)
+        exact = truth.mode_masses(xs.cpu())
+        out["mode_mass_error"] = (plus - exact).abs().mean().item()
+    return out
+
+
+def _posterior_table(method: Method, truth: LinearGaussian | Bimodal, x: Tensor, cfg: Config,
+                     samples: int = 400) -> pd.DataFrame:
+    """Encoder samples beside exact posterior samples for a few test x (2-D views)."""
+    rows = []
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    if isinstance(truth, Bimodal):
+        exact = truth.posterior_samples(x.cpu(), samples, cfg.train.beta, generator=g)
+    else:
+        mean, cov = truth.posterior(x.cpu(), cfg.train.beta)
+        chol = torch.linalg.cholesky(cov)
+        exact = mean + torch.randn(samples, *mean.shape, generator=g) @ chol.T
+    enc = torch.stack([method.encode(x) for _ in range(samples)]).cpu()
+    for i in range(x.shape[0]):
+        for source, zz in (("exact", exact[:, i]), ("encoder", enc[:, i])):
+            rows.append(pd.DataFrame({"x_index": i, "source": source, "z0": zz[:, 0].numpy(),
+                                      "z1": zz[:, 1].numpy() if zz.shape[1] > 1 else 0.0}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _write_tables(run, test, n, x, rec_a, rec_r, mse_a, mse_r, z, z_mean, rate, n_recon) -> None:
+    k = min(n_recon, n)
+    h, w = (test.image_shape[1], test.image_shape[2]) if test.image_shape else (0, 0)
+    recon = pd.DataFrame({
+        "index": np.arange(k),
+        "label": test.label[:k] if test.label is not None else pd.array([pd.NA] * k, dtype="Int64"),
+        "height": h, "width": w,
+        "x": list(x[:k].cpu().numpy()),
+        "recon_amortised": list(rec_a[:k].cpu().numpy()),
+        "recon_refined": list(rec_r[:k].cpu().numpy()),
+        "mse_amortised": mse_a[:k].cpu().numpy(),
+        "mse_refined": mse_r[:k].cpu().numpy(),
+    })
+    run.write_table(runs.RECON, recon)
+    lat = {"index": np.arange(n), "rate_nats": rate.cpu().numpy()}
+    if test.label is not None:
+        lat["label"] = test.label[:n]
+    for col in test.factors.columns:
+        lat[f"factor_{col}"] = test.factors[col].to_numpy()[:n]
+    for i in range(z.shape[1]):
+        lat[f"z{i}"] = z[:, i].cpu().numpy()
+        lat[f"mean_z{i}"] = z_mean[:, i].cpu().numpy()
+    run.write_table(runs.LATENTS, pd.DataFrame(lat))
+
+
+def _write_plots(run, test, x, rec_a, rec_r, z_mean, label, n_recon, posterior_rows) -> None:
+    k = min(n_recon, x.shape[0])
+    plots.reconstruction_grid(
+        {"original": x[:k].cpu().numpy(), "amortised": rec_a[:k].cpu().numpy(), "refined": rec_r[:k].cpu().numpy()},
+        test.image_shape, run.plots_dir / "reconstructions.png",
+    )
+    zc = z_mean.cpu().numpy()
+    if zc.shape[1] > 2:
+        zc = zc - zc.mean(0)
+        _, _, vt = np.linalg.svd(zc, full_matrices=False)
+        zc, title = zc @ vt[:2].T, f"{run.name}: PCA of posterior means"
+    elif zc.shape[1] == 2:
+        title = f"{run.name}: posterior means"
+    else:
+        zc, title = np.concatenate([zc, np.zeros_like(zc)], 1), f"{run.name}: posterior means"
+    plots.latent_scatter(zc, label, title, run.plots_dir / "latents.png")
+    hist = run.history()
+    if hist is not None and len(hist):
+        plots.training_curves(hist, run.plots_dir / "training.png")
+    if posterior_rows is not None:
+        sub = posterior_rows[posterior_rows["x_index"] == 0]
+        plots.posterior_samples(sub[sub.source == "encoder"][["z0", "z1"]].to_numpy(),
+                                sub[sub.source == "exact"][["z0", "z1"]].to_numpy(),
+                                f"{run.name}: posterior of test x #0", run.plots_dir / "posterior.png")
