@@ -30,14 +30,14 @@ class SMCResult:
 
 
 def temperature_ladder(
-    temperatures: int, *, power: float = 4.0, tau_min: float | None = None, device=None
+    temperatures: int, *, power: float = 3.0, tau_min: float | None = None, device=None
 ) -> Tensor:
     """``τ_0 = 0 < τ_1 < ... < τ_K = 1`` (float64), fine near 0 where a little of the likelihood
     changes the target most: ``(k/K)^power``, or geometric from ``tau_min`` when it is given."""
     k = torch.arange(temperatures + 1, device=device, dtype=torch.float64)
     if tau_min is None:
         return (k / temperatures).pow(power)
-    taus = tau_min ** ((temperatures - k) / (temperatures - 1))
+    taus = tau_min ** ((temperatures - k) / max(temperatures - 1, 1))
     taus[0] = 0.0
     return taus
 
@@ -68,10 +68,10 @@ def tempered_smc(
     temperatures: int = 24,
     moves: int = 2,
     step_size: float = 0.05,
-    target_accept: float = 0.574,
-    adapt_rate: float = 0.5,
+    target_accept: float = 0.8,
+    adapt_rate: float = 1.0,
     step_max: float = 1.0,
-    ladder_power: float = 4.0,
+    ladder_power: float = 3.0,
     tau_min: float | None = None,
     resample_threshold: float = 0.5,
     generator: torch.Generator | None = None,
@@ -81,14 +81,18 @@ def tempered_smc(
     ``z_dim`` is the latent size (the prior's dimension). Particles are flattened to
     ``(P*N, d)`` with ``x`` repeated, so ``log_lik`` sees one batch. A column is resampled
     (systematic) when its ESS falls below ``resample_threshold * P``; the MALA step size is one
-    per x, shared by its particles and adapted on their mean acceptance.
+    per x, shared by its particles and adapted on their mean acceptance. Its target is higher
+    than Langevin's 0.574: fewer rejections let particles duplicated by resampling part again
+    (measured on the toys: lower evidence variance and mode-mass error at the same cost).
     """
     n = x.shape[0]
     p = particles
     d = z_dim
     dev, dt = x.device, (x.dtype if x.is_floating_point() else torch.get_default_dtype())
     xr = x.repeat((p,) + (1,) * (x.dim() - 1))  # row i*N + j is x[j]
-    taus = temperature_ladder(temperatures, power=ladder_power, tau_min=tau_min, device=dev)
+    taus = temperature_ladder(temperatures, power=ladder_power, tau_min=tau_min).tolist()
+    keep = torch.arange(p, device=dev).unsqueeze(1).expand(p, n)
+    cols = torch.arange(n, device=dev)
 
     z = torch.randn(p * n, d, generator=generator, device=dev, dtype=dt)
     ll, grad_ll = log_lik_and_grad(log_lik, xr, z)
@@ -98,22 +102,19 @@ def tempered_smc(
     acc_sum = torch.zeros(n, device=dev, dtype=dt)
 
     for k in range(1, temperatures + 1):
-        tau = float(taus[k])
+        tau = taus[k]
         # incremental weight of π_k / π_{k-1} at the current particles
-        inc = (tau - float(taus[k - 1])) / beta * ll.view(p, n)
+        inc = (tau - taus[k - 1]) / beta * ll.reshape(p, n)
         inc = torch.where(torch.isnan(inc), torch.full_like(inc, -math.inf), inc)
         log_z = log_z + torch.logsumexp(log_w + inc, dim=0)
         log_w = _normalise(log_w + inc)
 
-        ess = 1.0 / log_w.mul(2).exp().sum(0)
-        low = ess < resample_threshold * p
-        if low.any():
-            idx = systematic_resample(log_w, generator)
-            keep = torch.arange(p, device=dev).unsqueeze(1).expand(p, n)
-            idx = torch.where(low.unsqueeze(0), idx, keep)
-            flat = (idx * n + torch.arange(n, device=dev)).reshape(-1)
-            z, ll, grad_ll = z[flat], ll[flat], grad_ll[flat]
-            log_w = torch.where(low.unsqueeze(0), torch.full_like(log_w, -math.log(p)), log_w)
+        # resample the columns whose ESS fell low; computed for all, so no host sync on CUDA
+        low = (1.0 / log_w.mul(2).exp().sum(0) < resample_threshold * p).unsqueeze(0)
+        idx = torch.where(low, systematic_resample(log_w, generator), keep)
+        flat = (idx * n + cols).reshape(-1)
+        z, ll, grad_ll = z[flat], ll[flat], grad_ll[flat]
+        log_w = torch.where(low, torch.full_like(log_w, -math.log(p)), log_w)
 
         for _ in range(moves):
             z, ll, grad_ll, acc = mala_step(
@@ -130,7 +131,7 @@ def tempered_smc(
     pick = torch.multinomial(log_w.T.exp(), 1, generator=generator).squeeze(-1)
     zs = z.view(p, n, d)
     return SMCResult(
-        z=zs[pick, torch.arange(n, device=dev)],
+        z=zs[pick, cols],
         particles=zs,
         log_weights=log_w,
         log_evidence=log_z,

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from diffenc_core import config as config_mod
 from diffenc_core.errors import DiffencError
+from flows import dispatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err_console = Console(stderr=True)
@@ -63,10 +64,8 @@ def setup_torch(cfg: config_mod.Config) -> None:
 @user_errors
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Prepare a dataset into data/prepared/<name>/ (Parquet splits + manifest)."""
-    from flows.entry import prepare_entry
-
     cfg = load_config(params, set_)
-    out = prepare_entry(cfg)
+    out = dispatch.call("prepare", cfg)
     console.print(f"prepared [bold]{out}[/]")
 
 
@@ -79,10 +78,8 @@ def train(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/."""
-    from flows.entry import train_entry
-
     cfg = load_config(params, set_)
-    out = train_entry(cfg, resume=resume, progress=progress)
+    out = dispatch.call("train", cfg, resume=resume, progress=progress)
     console.print(f"trained [bold]{out}[/]")
 
 
@@ -94,10 +91,8 @@ def evaluate(
     run: Annotated[Path | None, typer.Option(help="run directory (default: runs_dir/run from the config)")] = None,
 ) -> None:
     """Evaluate a trained run: metrics.json, recon/latents Parquet and plots."""
-    from flows.entry import evaluate_entry
-
     cfg = load_config(params, set_)
-    out = evaluate_entry(cfg, run)
+    out = dispatch.call("evaluate", cfg, run_dir=run)
     print_metrics(out)
 
 
@@ -110,6 +105,84 @@ def print_metrics(metrics: dict[str, Any]) -> None:
         if isinstance(value, int | float | str):
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+@app.command()
+@user_errors
+def compare(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="runs folder (default: train.runs_dir)")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the comparison table and plot")] = None,
+) -> None:
+    """Side-by-side table of evaluated runs (diffusion encoder vs VAE) and a rate–distortion plot."""
+    from flows.compare import compare_entry
+
+    cfg = load_config(params, set_)
+    compare_entry(cfg, runs_dir=runs_dir, out=out)
+
+
+tune_app = typer.Typer(help="Optuna tuning: run or resume a study, or show its best trials.")
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.callback(invoke_without_command=True)
+@user_errors
+def tune(
+    ctx: typer.Context,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    study: Annotated[str | None, typer.Option(help="study name (default: tune.study)")] = None,
+    storage: Annotated[str | None, typer.Option(help="storage URL or journal file (default: tune.storage)")] = None,
+    n_trials: Annotated[int | None, typer.Option(help="target number of finished trials")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes on this machine")] = None,
+) -> None:
+    """Run (or resume) a study until it has its target number of finished trials."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flows.tuning import run_study
+
+    cfg = load_config(params, set_)
+    run_study(cfg, study=study, storage=storage, n_trials=n_trials, workers=workers)
+
+
+@tune_app.command("show")
+@user_errors
+def tune_show(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    study: Annotated[str | None, typer.Option(help="study name (default: tune.study)")] = None,
+    storage: Annotated[str | None, typer.Option(help="storage URL or journal file")] = None,
+    export: Annotated[Path | None, typer.Option(help="write the best parameters as a params file")] = None,
+) -> None:
+    """Best trial(s) or the Pareto front as a table; optionally export the best params."""
+    from flows.tuning import show_study
+
+    cfg = load_config(params, set_)
+    show_study(cfg, study=study, storage=storage, export=export)
+
+
+@app.command()
+@user_errors
+def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Serve every Prefect deployment (needs a Prefect server: see the README)."""
+    from flows.serve import main as serve_main
+
+    serve_main(params=params, sets=set_ or [])
+
+
+@app.command()
+@user_errors
+def dashboard(
+    runs_dir: Annotated[Path, typer.Option(help="runs folder to show")] = Path("runs"),
+    storage: Annotated[str | None, typer.Option(help="Optuna storage to show")] = None,
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8501,
+) -> None:
+    """Open the Streamlit dashboard over a runs folder."""
+    from dashboard.launch import main as dashboard_main
+
+    dashboard_main(runs_dir=runs_dir, storage=storage, host=host, port=port)
 
 
 @app.command("config")
