@@ -59,7 +59,7 @@ class DiffusionEncoder(nn.Module):
         lam = lam.expand(z_t.shape[0])
         alpha, sigma = (v.unsqueeze(-1) for v in self.schedule.alpha_sigma(lam))
         if self.base == "gaussian":
-            # eps of N(mu, var) diffused: z_t ~ N(alpha mu, alpha^2 var + sigma^2), eps = -sigma score
+            # N(mu, var) diffused is N(alpha mu, alpha^2 var + sigma^2); eps = -sigma * its score
             base = sigma * (z_t - alpha * mu) / (alpha**2 * var + sigma**2)
         else:
             base = sigma * z_t  # the prior's own eps (§9)
@@ -72,8 +72,11 @@ class DiffusionEncoder(nn.Module):
         return self.head(x)
 
     def eps_fn(self, x: Tensor) -> EpsFn:
-        """Closure ``(z_t, logsnr) -> eps_hat`` over ``x`` (embedded once), in the diffusion's space:
-        ``z`` for the ``none``/``gaussian`` bases, ``u`` for ``whitened``. Row ``i`` belongs to ``x_i``."""
+        """Closure ``(z_t, logsnr) -> eps_hat`` over ``x`` (embedded once).
+
+        In the diffusion's own space: ``z`` for the ``none``/``gaussian`` bases, ``u`` for
+        ``whitened``. Row ``i`` of ``z_t`` belongs to ``x_i``.
+        """
         x_emb = self.score.embed_x(x)
         mu = var = None
         if self.base == "gaussian":
@@ -104,7 +107,7 @@ class DiffusionEncoder(nn.Module):
             var = torch.exp(2 * log_std)
         elif self.base == "whitened":
             mu, log_std = self._head(x)
-            nll = (0.5 * ((z0 - mu) * torch.exp(-log_std)).pow(2) + log_std + 0.5 * LOG_2PI)
+            nll = 0.5 * ((z0 - mu) * torch.exp(-log_std)).pow(2) + log_std + 0.5 * LOG_2PI
             nll = nll.sum(-1).mean()
             target = (z0 - mu.detach()) * torch.exp(-log_std.detach())
             mu = None
@@ -113,9 +116,7 @@ class DiffusionEncoder(nn.Module):
         return (eps_hat - noise).pow(2).sum(-1).mean() + nll
 
     # -------------------------------------------------------------------------- sampling
-    def _noise(
-        self, x: Tensor, generator: torch.Generator | None, noise: Tensor | None
-    ) -> Tensor:
+    def _noise(self, x: Tensor, generator: torch.Generator | None, noise: Tensor | None) -> Tensor:
         if noise is not None:
             return noise
         shape = (x.shape[0], self.latent_dim)
@@ -158,12 +159,13 @@ class DiffusionEncoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``(z, R (N,))``: ancestral samples and the free upper bound on their rate (§5).
 
-        For ``whitened``, ``R`` is the path bound on ``KL(q(u|x) || N(0, I))`` plus the single-sample
+        For ``whitened``, ``R`` is the path bound on ``KL(q(u|x) || N(0, I))`` plus the one-sample
         change-of-variables term ``log N(u) - sum log std - log N(mu + std u)`` (§9), unbiased
         for the remaining part of the rate.
         """
-        u, rate = ancestral(self.eps_fn(x), self._noise(x, generator, noise), self.schedule,
-                            steps, generator)
+        u, rate = ancestral(
+            self.eps_fn(x), self._noise(x, generator, noise), self.schedule, steps, generator
+        )
         white = self._whiten_params(x)
         if white is None:
             return u, rate
@@ -221,4 +223,3 @@ class DiffusionEncoder(nn.Module):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         return steps
-

@@ -152,14 +152,14 @@ def langevin(
 ) -> EStepResult:
     """``steps`` of MALA (or ULA) from ``z0`` with per-example step ``exp(log_step)``.
 
-    MALA adapts the step after every step; ULA neither corrects nor adapts, and may return
-    non-finite values (use ``e_step`` for the guarded version). ``z_anchor`` defaults to ``z0``:
-    the alignment term keeps ``z*`` near the encoder's sample.
+    The step is capped at ``step_max``. MALA adapts it after every step; ULA neither corrects
+    nor adapts, and may return non-finite values (``e_step`` is the guarded version).
+    ``z_anchor`` defaults to ``z0``: the alignment term keeps ``z*`` near the encoder's sample.
     """
     z0 = z0.detach()
     n = z0.shape[0]
     log_step = torch.as_tensor(log_step, dtype=z0.dtype, device=z0.device).detach()
-    log_step = log_step.expand(n).clone()
+    log_step = log_step.expand(n).clamp(max=math.log(step_max))
     z_anchor = z0 if z_anchor is None else z_anchor.detach()
     ll, grad_ll = log_lik_and_grad(log_lik, x, z0)
     u0, _ = _potential(ll, grad_ll, z0, z_anchor, beta, alignment)
@@ -205,10 +205,9 @@ def e_step(
     z0 = z0.detach()
     n = z0.shape[0]
     log_step = torch.as_tensor(log_step, dtype=z0.dtype, device=z0.device).detach()
-    log_step = log_step.expand(n).clone()
     z_anchor = kw.pop("z_anchor", None)
-    res = langevin(log_lik, x, z0, log_step, z_anchor=z_anchor, **kw)
-    start = log_step
+    start = log_step.expand(n).clamp(max=math.log(kw.get("step_max", 1.0)))
+    res = langevin(log_lik, x, z0, start, z_anchor=z_anchor, **kw)
     retries = 0
     while True:
         bad = ~(torch.isfinite(res.z).all(-1) & torch.isfinite(res.gap))

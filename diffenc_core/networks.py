@@ -19,7 +19,7 @@ ImageShape = tuple[int, int, int]
 
 
 def sinusoidal_embedding(logsnr: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
-    """``(N,) -> (N, dim)`` sin/cos features of ``logsnr`` at geometric frequencies ``1 .. 1/max_period``.
+    """``(N,) -> (N, dim)`` sin/cos of ``logsnr`` at geometric frequencies ``1 .. 1/max_period``.
 
     Log-SNR spans about 20 units, so periods from ``2 pi`` to ``2 pi * max_period`` resolve it
     both locally and globally (an odd ``dim`` gets one zero pad column).
@@ -82,7 +82,7 @@ class ConvTrunk(nn.Module):
 
 
 class ConvUpNet(nn.Module):
-    """Latent ``(N, d) -> (N, C*H*W)``: an MLP to a small feature map, then upsample + conv blocks."""
+    """Latent ``(N, d) -> (N, C*H*W)``: an MLP to a small feature map, then upsample+conv blocks."""
 
     def __init__(
         self,
@@ -98,7 +98,9 @@ class ConvUpNet(nn.Module):
         k = min(_halvings(h, max_doublings, min_side), _halvings(w, max_doublings, min_side))
         self.start = (channels, h >> k, w >> k)
         self.fc = nn.Sequential(
-            nn.Linear(latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, math.prod(self.start)),
+            nn.Linear(latent_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, math.prod(self.start)),
             nn.SiLU(),
         )
         layers: list[nn.Module] = []
@@ -118,7 +120,7 @@ class ConvUpNet(nn.Module):
 
 # ------------------------------------------------------------------------------------ decoder
 class GaussianDecoder(nn.Module):
-    """``p(x|z) = N(f(z), sigma_x^2 I)`` with ``sigma_x`` learned (log-parametrised, clamped) or fixed."""
+    """``p(x|z) = N(f(z), sigma_x^2 I)``; ``sigma_x`` learned (log-scale, clamped) or fixed."""
 
     def __init__(
         self,
@@ -148,7 +150,8 @@ class GaussianDecoder(nn.Module):
         return self.log_sigma.exp().clamp(min=self.sigma_min)
 
     def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
-        """``log N(x; f(z), sigma^2 I)`` in nats per example; ``x (N, D)``, ``z (..., N, d) -> (..., N)``."""
+        """``log N(x; f(z), sigma^2 I)`` in nats per example: ``x (N, D)``, ``z (..., N, d)`` ->
+        ``(..., N)``."""
         sigma = self.sigma()
         sq = ((x - self.mean(z)) / sigma).pow(2).sum(-1)
         return -0.5 * sq - self.x_dim * (torch.log(sigma) + 0.5 * LOG_2PI)
@@ -161,7 +164,10 @@ def build_decoder(
     conv_channels: int = 64,
     auto_conv_min_side: int = 16,
 ) -> GaussianDecoder:
-    """The decoder of ``model_cfg.decoder``: ``auto`` is conv for images with H, W >= 16, else MLP."""
+    """The decoder of ``model_cfg.decoder``; ``auto`` is conv for images with H, W >= 16, else MLP.
+
+    ``image_shape`` is ``(C, H, W)`` of the flattened ``x``, or None for vector data.
+    """
     cfg = model_cfg.decoder
     kind = cfg.kind
     if kind == "auto":
@@ -182,7 +188,7 @@ def build_decoder(
 class GaussianEncoderNet(nn.Module):
     """``x -> (mu, log_std)`` of ``N(mu, diag std^2)``: the VAE encoder and the diffusion base head.
 
-    ``zero_init`` zeroes the last layer so the initial output is the prior (``mu = 0``, ``std = 1``).
+    ``zero_init`` zeroes the last layer so the initial output is the prior (``mu=0``, ``std=1``).
     """
 
     def __init__(
@@ -199,7 +205,9 @@ class GaussianEncoderNet(nn.Module):
         self.latent_dim = latent_dim
         if image_shape is not None:
             trunk = ConvTrunk(image_shape, hidden, conv_channels)
-            self.net = nn.Sequential(trunk, nn.SiLU(), mlp(hidden, hidden, depth - 1, 2 * latent_dim))
+            self.net = nn.Sequential(
+                trunk, nn.SiLU(), mlp(hidden, hidden, depth - 1, 2 * latent_dim)
+            )
         else:
             self.net = mlp(x_dim, hidden, depth, 2 * latent_dim)
         if zero_init:
@@ -281,11 +289,20 @@ class ScoreNet(nn.Module):
 
     @classmethod
     def from_config(
-        cls, x_dim: int, latent_dim: int, enc_cfg: EncoderConfig, image_shape: ImageShape | None = None
+        cls,
+        x_dim: int,
+        latent_dim: int,
+        enc_cfg: EncoderConfig,
+        image_shape: ImageShape | None = None,
     ) -> ScoreNet:
         return cls(
-            x_dim, latent_dim, enc_cfg.hidden, enc_cfg.blocks, enc_cfg.time_embed_dim,
-            enc_cfg.x_embed_dim, image_shape,
+            x_dim,
+            latent_dim,
+            enc_cfg.hidden,
+            enc_cfg.blocks,
+            enc_cfg.time_embed_dim,
+            enc_cfg.x_embed_dim,
+            image_shape,
         )
 
     def embed_x(self, x: Tensor) -> Tensor:

@@ -52,7 +52,7 @@ def dpmpp_2m(eps_fn: EpsFn, z_T: Tensor, schedule: LogSNRSchedule, steps: int = 
 
 
 def ddim(eps_fn: EpsFn, z_T: Tensor, schedule: LogSNRSchedule, steps: int = 10) -> Tensor:
-    """Deterministic DDIM (first-order probability-flow) steps; returns the state on ``logsnr_max``."""
+    """Deterministic DDIM (first-order probability flow); returns the state on ``logsnr_max``."""
     lam, alpha, sigma = _coefficients(schedule, steps, z_T)
     z = z_T
     for i in range(steps):
@@ -73,8 +73,8 @@ def ancestral(
 
     Step from noisier ``t`` to cleaner ``s``: ``z' = a z + c (s_phi + z) + sqrt(1 - a^2) xi`` with
     ``a = alpha_t / alpha_s``, ``c = 1 - a^2``, ``s_phi = -eps_hat / sigma_t``. The reference chain
-    (score ``-z``) is exactly stationary at ``N(0, I)``; both chains start from ``N(0, I)`` and share
-    the noise, so ``path_kl = sum ||c (s_phi + z)||^2 / (2 (1 - a^2))`` bounds
+    (score ``-z``) is exactly stationary at ``N(0, I)``; both chains start from ``N(0, I)`` and
+    share the noise, so ``path_kl = sum ||c (s_phi + z)||^2 / (2 (1 - a^2))`` bounds
     ``KL(law of the returned z || N(0, I))``. The returned ``z`` is the last chain state (not a
     Tweedie-denoised one) so the bound applies to exactly what is returned.
     """

@@ -1,4 +1,4 @@
-"""The encoder's VP / Ornstein–Uhlenbeck noise schedule, parametrised by log-SNR (docs/method.md §4, §9).
+"""The encoder's VP / Ornstein–Uhlenbeck noise schedule in log-SNR (docs/method.md §4, §9).
 
 ``z_t = alpha z_0 + sigma eps`` with ``alpha^2 = sigmoid(logsnr)``, ``sigma^2 = sigmoid(-logsnr)``:
 variance preserving, so the stationary law is the prior ``N(0, I)``.
@@ -45,7 +45,7 @@ class LogSNRSchedule:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """``n`` stratified-uniform log-SNR draws: one per equal-width stratum, in shuffled order."""
+        """``n`` stratified-uniform log-SNR draws: one per equal-width stratum, shuffled."""
         perm = torch.randperm(n, generator=generator, device=device)
         u = (perm + torch.rand(n, generator=generator, device=device)) / n
         return self.logsnr_min + self.width * u
@@ -59,4 +59,6 @@ class LogSNRSchedule:
         """``steps + 1`` uniform log-SNR values from ``logsnr_min`` (noisiest) to ``logsnr_max``."""
         if steps < 1:
             raise ValueError("steps must be at least 1")
-        return torch.linspace(self.logsnr_min, self.logsnr_max, steps + 1, device=device, dtype=dtype)
+        return torch.linspace(
+            self.logsnr_min, self.logsnr_max, steps + 1, device=device, dtype=dtype
+        )

@@ -121,7 +121,7 @@ def train(
         saved_step = start
         old = run.history()
         if old is not None:
-            history = old[old["step"] < start].to_dict("records")
+            history = old[old["step"] <= start].to_dict("records")
     else:
         _fresh_run(run)
     dump(cfg, run.file(runs.PARAMS))
