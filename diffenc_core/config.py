@@ -82,9 +82,13 @@ class DataConfig(_Section):
 
 # -------------------------------------------------------------------------------------- model
 class DecoderConfig(_Section):
-    """``p(x|z) = N(f(z), sigma_x^2 I)``; conv for images when kind is auto."""
+    """``p(x|z) = N(f(z), sigma_x^2 I)``; conv for images when kind is auto.
 
-    kind: Literal["auto", "mlp", "conv"] = "auto"
+    ``truth`` uses the known decoder of a toy dataset (bimodal, linear_gaussian) and keeps it
+    fixed, so the encoder can be checked against the exact posterior.
+    """
+
+    kind: Literal["auto", "mlp", "conv", "truth"] = "auto"
     hidden: int = Field(256, ge=1)
     depth: int = Field(2, ge=1)
     learn_sigma: bool = True

@@ -34,6 +34,7 @@ class DiffusionEM(nn.Module):
         x_dim: int,
         n_train: int,
         image_shape: tuple[int, int, int] | None = None,
+        decoder: nn.Module | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -41,13 +42,15 @@ class DiffusionEM(nn.Module):
         self.beta = cfg.train.beta
         self.grad_clip = cfg.train.grad_clip
         self.encoder = DiffusionEncoder.from_config(cfg.model, x_dim, image_shape)
-        self.decoder = build_decoder(cfg.model, x_dim, image_shape)
+        self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape)
         d = cfg.model.latent_dim
         self.register_buffer("chains", torch.zeros(n_train, d))
         self.register_buffer("has_chain", torch.zeros(n_train, dtype=torch.bool))
         self.register_buffer("log_step", torch.full((n_train,), math.log(cfg.em.step_size)))
         self.opt_encoder = torch.optim.Adam(self.encoder.parameters(), lr=cfg.train.lr_encoder)
-        self.opt_decoder = torch.optim.Adam(self.decoder.parameters(), lr=cfg.train.lr_decoder)
+        trainable = [p for p in self.decoder.parameters() if p.requires_grad]
+        # a known (toy) decoder has no parameters: then there is no M-step
+        self.opt_decoder = torch.optim.Adam(trainable, lr=cfg.train.lr_decoder) if trainable else None
         self.ema: DiffusionEncoder | None = None
         if cfg.train.ema > 0:
             self.ema = copy.deepcopy(self.encoder).requires_grad_(False)
@@ -66,7 +69,9 @@ class DiffusionEM(nn.Module):
     def e_step(self, step: int, idx: Tensor, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         em = self.em
         stats: dict[str, float] = {}
-        self.decoder.requires_grad_(False)
+        frozen = [p for p in self.decoder.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
         try:
             if em.e_step == "smc":
                 smc = tempered_smc(
@@ -78,7 +83,6 @@ class DiffusionEM(nn.Module):
                     temperatures=em.smc.temperatures,
                     moves=em.smc.moves,
                     step_size=em.step_size,
-                    target_accept=em.target_accept,
                     step_max=em.step_size_max,
                 )
                 z0 = smc.z
@@ -102,7 +106,8 @@ class DiffusionEM(nn.Module):
                 step_max=em.step_size_max,
             )
         finally:
-            self.decoder.requires_grad_(True)
+            for p in frozen:
+                p.requires_grad_(True)
         self.chains[idx] = res.z
         self.has_chain[idx] = True
         self.log_step[idx] = res.log_step
@@ -130,7 +135,10 @@ class DiffusionEM(nn.Module):
         for _ in range(self.em.encoder_updates):
             loss_enc = self.encoder.loss(x, z_star)
             self._update(self.opt_encoder, self.encoder.parameters(), loss_enc)
-        for _ in range(self.em.decoder_updates):
+        if self.opt_decoder is None:
+            with torch.no_grad():
+                loss_dec = -self.decoder.log_prob(x, z_star).mean()
+        for _ in range(self.em.decoder_updates if self.opt_decoder is not None else 0):
             loss_dec = -self.decoder.log_prob(x, z_star).mean()
             self._update(self.opt_decoder, self.decoder.parameters(), loss_dec)
         if self.ema is not None:
@@ -150,14 +158,15 @@ class DiffusionEM(nn.Module):
             "models": self.state_dict(),
             "optimizers": {
                 "encoder": self.opt_encoder.state_dict(),
-                "decoder": self.opt_decoder.state_dict(),
+                **({"decoder": self.opt_decoder.state_dict()} if self.opt_decoder is not None else {}),
             },
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["models"])
         self.opt_encoder.load_state_dict(state["optimizers"]["encoder"])
-        self.opt_decoder.load_state_dict(state["optimizers"]["decoder"])
+        if self.opt_decoder is not None:
+            self.opt_decoder.load_state_dict(state["optimizers"]["decoder"])
 
     # ------------------------------------------------------- the amortised encoder, for eval
     @property

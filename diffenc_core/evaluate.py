@@ -22,7 +22,7 @@ from diffenc_core.em import DiffusionEM
 from diffenc_core.errors import RunError
 from diffenc_core.langevin import e_step
 from diffenc_core.toys import Bimodal, LinearGaussian, std_normal_log_prob, toy_from_manifest
-from diffenc_core.trainer import device_for
+from diffenc_core.trainer import build_method, device_for
 from diffenc_core.vae import GaussianVAE
 
 Method = DiffusionEM | GaussianVAE
@@ -36,11 +36,9 @@ def load_method(run: runs.Run, eval_cfg: Config | None = None) -> tuple[Method, 
     if eval_cfg is not None:
         cfg = cfg.model_copy(update={"eval": eval_cfg.eval})
     manifest = data.read_manifest(cfg.data.prepared_dir)
-    shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
-    if state["method"] == "vae":
-        method: Method = GaussianVAE(cfg, manifest["x_dim"], shape)
-    else:
-        method = DiffusionEM(cfg, manifest["x_dim"], manifest["sizes"]["train"], shape)
+    method = build_method(cfg, manifest)
+    if method.name != state["method"]:
+        raise RunError(f"{run.path}: checkpoint holds a '{state['method']}' run, its config says '{method.name}'")
     method.load_state(state)
     method.to(device_for(cfg)).eval()
     return method, cfg

@@ -80,7 +80,7 @@ def log_q_deterministic(
     backward passes. Evaluation only (small ``d``); eps_fn must be batch-independent.
     """
     if sampler not in DETERMINISTIC_SAMPLERS:
-        raise ValueError(f"log q needs a deterministic sampler, one of {list(DETERMINISTIC_SAMPLERS)}")
+        raise ValueError(f"log q needs a deterministic sampler: {list(DETERMINISTIC_SAMPLERS)}")
     step_fn = DETERMINISTIC_SAMPLERS[sampler]
     with torch.enable_grad():
         z_in = z_T.detach().requires_grad_(True)

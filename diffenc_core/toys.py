@@ -217,3 +217,25 @@ def toy_from_manifest(manifest: dict[str, Any]) -> LinearGaussian | Bimodal | No
     if truth["kind"] == "bimodal":
         return Bimodal.from_dict(truth)
     return None
+
+
+class ToyDecoder(torch.nn.Module):
+    """A known toy decoder with the interface of ``networks.GaussianDecoder`` (no parameters).
+
+    Used with ``model.decoder.kind: truth`` to train and check an encoder against the exact
+    posterior of the decoder that generated the data.
+    """
+
+    def __init__(self, truth: LinearGaussian | Bimodal):
+        super().__init__()
+        self.truth = truth
+        self.x_dim = truth.x_dim
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        return self.truth.mean(z)
+
+    def sigma(self) -> torch.Tensor:
+        return torch.tensor(self.truth.noise)
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.truth.log_lik(x, z)

@@ -21,7 +21,8 @@ from torch import Tensor
 from diffenc_core import checkpoint, data, runs
 from diffenc_core.config import Config, dump
 from diffenc_core.em import DiffusionEM
-from diffenc_core.errors import CheckpointError, DivergenceError
+from diffenc_core.errors import CheckpointError, ConfigError, DivergenceError
+from diffenc_core.toys import ToyDecoder, toy_from_manifest
 from diffenc_core.vae import GaussianVAE
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -35,17 +36,32 @@ def device_for(cfg: Config) -> torch.device:
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        from diffenc_core.errors import ConfigError
-
         raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
     return torch.device(cfg.train.device)
 
 
-def build_method(cfg: Config, split: data.Split) -> DiffusionEM | GaussianVAE:
-    """The model of ``cfg.train.method`` sized for ``split``."""
+def known_decoder(cfg: Config, manifest: dict[str, Any]) -> ToyDecoder | None:
+    """The dataset's own decoder when ``model.decoder.kind`` is ``truth``."""
+    if cfg.model.decoder.kind != "truth":
+        return None
+    truth = toy_from_manifest(manifest)
+    if truth is None:
+        raise ConfigError(
+            "model.decoder.kind: 'truth' needs a dataset with a known decoder "
+            f"(bimodal or linear_gaussian), not '{manifest.get('dataset')}'"
+        )
+    if cfg.model.latent_dim != truth.z_dim:
+        raise ConfigError(f"model.latent_dim: the known decoder has {truth.z_dim} latents, not {cfg.model.latent_dim}")
+    return ToyDecoder(truth)
+
+
+def build_method(cfg: Config, manifest: dict[str, Any]) -> DiffusionEM | GaussianVAE:
+    """The model of ``cfg.train.method`` sized for the prepared dataset of ``manifest``."""
+    shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
+    decoder = known_decoder(cfg, manifest)
     if cfg.train.method == "vae":
-        return GaussianVAE(cfg, split.x_dim, split.image_shape)
-    return DiffusionEM(cfg, split.x_dim, len(split), split.image_shape)
+        return GaussianVAE(cfg, manifest["x_dim"], shape, decoder)
+    return DiffusionEM(cfg, manifest["x_dim"], manifest["sizes"]["train"], shape, decoder)
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> Tensor:
@@ -104,7 +120,7 @@ def train(
     run = runs.create(cfg.train.runs_dir, cfg.train.run_name)
     last = run.checkpoint_dir / "last.pt"
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg, train_split).to(device)
+    method = build_method(cfg, train_split.manifest).to(device)
     history: list[dict[str, Any]] = []
     start, elapsed, best = 0, 0.0, math.inf
     saved_step = -1

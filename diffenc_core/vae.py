@@ -31,12 +31,18 @@ class GaussianVAE(nn.Module):
 
     name = "vae"
 
-    def __init__(self, cfg: Config, x_dim: int, image_shape: tuple[int, int, int] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        x_dim: int,
+        image_shape: tuple[int, int, int] | None = None,
+        decoder: nn.Module | None = None,
+    ):
         super().__init__()
         self.beta = cfg.train.beta
         self.grad_clip = cfg.train.grad_clip
         self.encoder = GaussianEncoderNet.from_config(x_dim, cfg.model.latent_dim, cfg.model.vae, image_shape)
-        self.decoder = build_decoder(cfg.model, x_dim, image_shape)
+        self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape)
         self.optimizer = torch.optim.Adam(
             [
                 {"params": self.encoder.parameters(), "lr": cfg.train.lr_encoder},

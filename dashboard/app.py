@@ -1,0 +1,53 @@
+"""diffenc dashboard: ``streamlit run dashboard/app.py`` (or ``diffenc dashboard --runs-dir runs``).
+
+Reads run directories (through ``diffenc_core.runs``) and Optuna storage; never trains.
+The sidebar holds what every page shares: the runs folder and the runs chosen for comparison.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
+    sys.path.insert(0, str(_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import common  # noqa: E402
+
+st.set_page_config(page_title="diffenc dashboard", page_icon="🌀", layout="wide")
+
+PAGES = [
+    st.Page("views/runs.py", title="Runs", icon="📋", default=True),
+    st.Page("views/reconstructions.py", title="Reconstructions", icon="🖼️"),
+    st.Page("views/latents.py", title="Latents", icon="🧭"),
+    st.Page("views/training.py", title="Training", icon="📈"),
+    st.Page("views/rate_distortion.py", title="Rate–distortion", icon="⚖️"),
+    st.Page("views/tuning.py", title="Tuning", icon="🎛️"),
+]
+nav = st.navigation(PAGES)
+
+st.session_state.setdefault(common.K_RUNS_DIR, common.default_runs_dir())
+st.session_state.setdefault(common.K_COMPARE, [])
+
+with st.sidebar:
+    st.text_input("Runs folder", key=common.K_RUNS_DIR, help="folder holding run directories (searched recursively)")
+    root = common.runs_root()
+    table = common.runs_table()
+    if not root.is_dir():
+        st.error(f"`{root}` is not a folder")
+    ids = list(table["id"])
+    common.prune_compare(ids)
+    st.multiselect(
+        "Runs to compare", options=ids, key=common.K_COMPARE, format_func=lambda r: common.run_label(r, table),
+        help="shared by every page; also set by selecting rows on the Runs page", placeholder="choose runs",
+    )
+    n_bad = int((table["health"] == "⚠️").sum()) if "health" in table else 0
+    st.caption(f"{len(table)} run(s) found" + (f" · ⚠️ {n_bad} need attention" if n_bad else ""))
+    if st.button("Reload runs", help="re-read the runs folder now (it is re-read every few seconds anyway)"):
+        st.cache_data.clear()
+        st.rerun()
+
+nav.run()
