@@ -17,15 +17,15 @@ import streamlit as st  # noqa: E402
 
 from dashboard import common  # noqa: E402
 
-st.set_page_config(page_title="diffenc dashboard", page_icon="🌀", layout="wide")
+st.set_page_config(page_title="diffenc dashboard", page_icon=":material/blur_on:", layout="wide")
 
 PAGES = [
-    st.Page("views/runs.py", title="Runs", icon="📋", default=True),
-    st.Page("views/reconstructions.py", title="Reconstructions", icon="🖼️"),
-    st.Page("views/latents.py", title="Latents", icon="🧭"),
-    st.Page("views/training.py", title="Training", icon="📈"),
-    st.Page("views/rate_distortion.py", title="Rate–distortion", icon="⚖️"),
-    st.Page("views/tuning.py", title="Tuning", icon="🎛️"),
+    st.Page("views/runs.py", title="Runs", icon=":material/table_rows:", default=True),
+    st.Page("views/reconstructions.py", title="Reconstructions", icon=":material/image:"),
+    st.Page("views/latents.py", title="Latents", icon=":material/scatter_plot:"),
+    st.Page("views/training.py", title="Training", icon=":material/show_chart:"),
+    st.Page("views/rate_distortion.py", title="Rate–distortion", icon=":material/balance:"),
+    st.Page("views/tuning.py", title="Tuning", icon=":material/tune:"),
 ]
 nav = st.navigation(PAGES)
 
@@ -44,8 +44,8 @@ with st.sidebar:
         "Runs to compare", options=ids, key=common.K_COMPARE, format_func=lambda r: common.run_label(r, table),
         help="shared by every page; also set by selecting rows on the Runs page", placeholder="choose runs",
     )
-    n_bad = int((table["health"] == "⚠️").sum()) if "health" in table else 0
-    st.caption(f"{len(table)} run(s) found" + (f" · ⚠️ {n_bad} need attention" if n_bad else ""))
+    n_bad = int((table["health"] == "attention").sum()) if "health" in table else 0
+    st.caption(f"{len(table)} run(s) found" + (f" · {n_bad} need attention" if n_bad else ""))
     if st.button("Reload runs", help="re-read the runs folder now (it is re-read every few seconds anyway)"):
         st.cache_data.clear()
         st.rerun()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +19,9 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from dashboard.settings import RUNS_DIR_ENV, STORAGE_ENV  # noqa: F401 (re-exported)
 from diffenc_core import runs
 
-RUNS_DIR_ENV = "DIFFENC_RUNS_DIR"
-STORAGE_ENV = "DIFFENC_OPTUNA_STORAGE"
 POSTERIOR = "posterior.parquet"
 
 # session_state keys shared across pages
@@ -75,12 +75,30 @@ def _scalar(v: Any) -> Any:
     return str(v)
 
 
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows from metrics files as a display table: non-scalars become text, all-empty columns go."""
+    df = pd.DataFrame([{k: _scalar(v) for k, v in r.items()} for r in rows])
+    for c in df.columns:
+        if df[c].map(lambda v: isinstance(v, str)).any() and df[c].map(lambda v: isinstance(v, int | float)).any():
+            df[c] = df[c].astype("string")
+    return df.dropna(axis=1, how="all")
+
+
 def _dig(tree: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(tree, dict):
             return None
         tree = tree.get(k)
     return tree
+
+
+STALE_MINUTES = 30
+
+
+def _quiet_minutes(run: runs.Run) -> float | None:
+    """Minutes since the run last wrote its status or history (None when neither exists)."""
+    stamps = [p.stat().st_mtime for p in (run.file(runs.STATUS), run.file(runs.HISTORY)) if p.exists()]
+    return (time.time() - max(stamps)) / 60 if stamps else None
 
 
 def build_runs_table(root: str | Path) -> pd.DataFrame:
@@ -111,10 +129,15 @@ def build_runs_table(root: str | Path) -> pd.DataFrame:
             problems.append("status.json: missing")
         if state == "done" and not run.file(runs.METRICS).exists():
             problems.append("metrics.json: missing (not evaluated yet)")
+        if state == "running":
+            quiet = _quiet_minutes(run)
+            if quiet is not None and quiet > STALE_MINUTES:
+                problems.append(f"status says running but nothing was written for {quiet:.0f} min "
+                                "(killed or crashed?)")
         if state == "failed":
             problems.insert(0, f"failed: {row.get('error') or 'no error recorded'}")
         row["problems"] = "; ".join(problems) or None
-        row["health"] = "⚠️" if problems else ("⏳" if state == "running" else "✅")
+        row["health"] = "attention" if problems else ("running" if state == "running" else "ok")
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=[*BASE_COLUMNS, "problems"])
@@ -247,9 +270,9 @@ def guard(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as err:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
-        st.warning(f"{what}: could not be shown ({err.__class__.__name__}: {err})", icon="⚠️")
+        st.warning(f"{what}: could not be shown ({err.__class__.__name__}: {err})", icon=":material/warning:")
 
 
 def warn_problems(run_id: str, problems: list[str], what: str = "") -> None:
     for p in dict.fromkeys(problems):
-        st.warning(f"**{run_id}**{' ' + what if what else ''}: {p}", icon="⚠️")
+        st.warning(f"**{run_id}**{' ' + what if what else ''}: {p}", icon=":material/warning:")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+
 # ----------------------------------------------------------------------------------- images
 def image_of(vec: Sequence[float] | np.ndarray, height: int, width: int, lo: float = 0.0, hi: float = 1.0,
              target: int = 96) -> np.ndarray | None:

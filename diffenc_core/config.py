@@ -141,6 +141,8 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1)
     lr_encoder: float = Field(1e-3, gt=0.0)
     lr_decoder: float = Field(1e-3, gt=0.0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_final_ratio: float = Field(0.05, gt=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
     ema: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0

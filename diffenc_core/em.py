@@ -152,6 +152,9 @@ class DiffusionEM(nn.Module):
         )
         return stats
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.opt_encoder, self.opt_decoder) if o is not None]
+
     # -------------------------------------------------------------------------- checkpoint
     def state(self) -> dict[str, Any]:
         return {

@@ -90,10 +90,13 @@ class DiffusionEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------- loss
     def loss(self, x: Tensor, z0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Plain eps-MSE on ``(x, z0)`` (§3 step 2): mean over the batch of ``||eps_hat - eps||^2``
-        summed over latent dims, logsnr stratified-uniform on ``[min, max]``. With ``whitened``
-        add the head's Gaussian NLL of ``z0`` (sum over dims, batch mean); the eps targets
-        ``u`` then use the detached head."""
+        """The plain eps-prediction loss on pairs ``(x, z0)`` (§3 step 2), a scalar.
+
+        Batch mean of ``||eps_hat - eps||^2`` summed over latent dims, logsnr stratified-uniform
+        on ``[min, max]`` (the likelihood / rate weighting, §9). ``whitened`` adds the head's
+        Gaussian NLL of ``z0`` (summed over dims, batch mean); its eps targets ``u`` use the
+        detached head.
+        """
         n = x.shape[0]
         lam = self.schedule.sample_logsnr(n, generator, x.device).to(z0.dtype)
         noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)

@@ -64,6 +64,25 @@ def build_method(cfg: Config, manifest: dict[str, Any]) -> DiffusionEM | Gaussia
     return DiffusionEM(cfg, manifest["x_dim"], manifest["sizes"]["train"], shape, decoder)
 
 
+def lr_scale(cfg: Config, step: int) -> float:
+    """Learning-rate multiplier at ``step``: cosine from 1 to ``lr_final_ratio``, or constant.
+
+    A pure function of the step, so a resumed run gets exactly the same rates.
+    """
+    if cfg.train.lr_schedule == "constant":
+        return 1.0
+    progress = min(step / max(1, cfg.train.steps), 1.0)
+    floor = cfg.train.lr_final_ratio
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], scale: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * scale
+
+
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> Tensor:
     """The mini-batch of ``step``: a slice of the seeded permutation of its epoch."""
     per_epoch = max(1, n // batch_size) if n >= batch_size else 1
@@ -171,6 +190,7 @@ def train(
                 break
             t0 = time.perf_counter()
             idx = batch_indices(cfg.train.seed, step, len(train_split), cfg.train.batch_size).to(device)
+            set_lr(method.optimizers(), lr_scale(cfg, step))
             stats = method.train_step(step, idx, x_train[idx])
             elapsed += time.perf_counter() - t0
             step += 1

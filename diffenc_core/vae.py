@@ -69,6 +69,9 @@ class GaussianVAE(nn.Module):
         stats["sigma_x"] = self.decoder.sigma().item()
         return stats
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
     # -- checkpoint
     def state(self) -> dict[str, Any]:
         return {"models": self.state_dict(), "optimizers": {"vae": self.optimizer.state_dict()}}

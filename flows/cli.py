@@ -76,10 +76,21 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    live: Annotated[
+        Path | None, typer.Option(help="also log every logged step with dvclive into this folder (DVC plots)")
+    ] = None,
 ) -> None:
     """Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/."""
     cfg = load_config(params, set_)
-    out = dispatch.call("train", cfg, resume=resume, progress=progress)
+    if live is None:
+        out = dispatch.call("train", cfg, resume=resume, progress=progress)
+    elif dispatch.use_prefect():  # the flow builds the dvclive logger in its own task
+        out = dispatch.call("train", cfg, resume=resume, progress=progress, live_dir=str(live))
+    else:
+        from flows.dvclive_log import LiveLogger
+
+        with LiveLogger(live, resume=resume) as logger:
+            out = dispatch.call("train", cfg, resume=resume, progress=progress, on_log=logger)
     console.print(f"trained [bold]{out}[/]")
 
 
@@ -113,13 +124,18 @@ def compare(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     runs_dir: Annotated[Path | None, typer.Option(help="runs folder (default: train.runs_dir)")] = None,
-    out: Annotated[Path | None, typer.Option(help="folder for the comparison table and plot")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for the comparison table and plot (default: <runs_dir>/comparison)")
+    ] = None,
+    run: Annotated[
+        list[Path] | None, typer.Option("--run", help="compare exactly these run directories (repeatable)")
+    ] = None,
 ) -> None:
     """Side-by-side table of evaluated runs (diffusion encoder vs VAE) and a rate–distortion plot."""
     from flows.compare import compare_entry
 
     cfg = load_config(params, set_)
-    compare_entry(cfg, runs_dir=runs_dir, out=out)
+    compare_entry(cfg, runs_dir=runs_dir, out=out, run_dirs=run or None)
 
 
 tune_app = typer.Typer(help="Optuna tuning: run or resume a study, or show its best trials.")
@@ -154,12 +170,13 @@ def tune_show(
     study: Annotated[str | None, typer.Option(help="study name (default: tune.study)")] = None,
     storage: Annotated[str | None, typer.Option(help="storage URL or journal file")] = None,
     export: Annotated[Path | None, typer.Option(help="write the best parameters as a params file")] = None,
+    trial: Annotated[int | None, typer.Option(help="export this trial instead of the best one")] = None,
 ) -> None:
     """Best trial(s) or the Pareto front as a table; optionally export the best params."""
     from flows.tuning import show_study
 
     cfg = load_config(params, set_)
-    show_study(cfg, study=study, storage=storage, export=export)
+    show_study(cfg, study=study, storage=storage, export=export, trial=trial)
 
 
 @app.command()

@@ -67,8 +67,10 @@ def test_same_noise_same_sample():
     torch.nn.init.normal_(enc.score.out.weight, std=0.1)
     x, noise = torch.randn(5, 8), torch.randn(5, 2)
     torch.testing.assert_close(enc.sample(x, noise=noise), enc.sample(x, noise=noise))
-    z, _ = enc.log_q(x, noise=noise, steps=10)
+    z, log_q = enc.log_q(x, noise=noise, steps=10)
     torch.testing.assert_close(z, enc.sample(x, steps=10, noise=noise))
+    with torch.no_grad():  # evaluation code may call it under no_grad
+        torch.testing.assert_close(enc.log_q(x, noise=noise, steps=10)[1], log_q)
 
 
 def test_whitened_head_learns_only_from_its_nll():

@@ -1,0 +1,1 @@
+"""Reproducible measurements (not tests): each script runs the VAE baseline in the same process."""

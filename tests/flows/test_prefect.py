@@ -1,0 +1,362 @@
+"""Prefect flows end to end: a real server, ``diffenc serve``, ``prefect deployment run --watch``.
+
+One Prefect server (temporary ``PREFECT_HOME``, free loopback port) and one serve process are
+shared by the whole module; every process is started in its own session and its process group
+is killed at the end, then checked gone. Runs and data go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tiny import TINY_SETS, tiny
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+
+# Never touch ~/.prefect or the repo's .prefect from this test process either.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="diffenc-test-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from diffenc_core.config import parse_overrides  # noqa: E402
+from diffenc_core.errors import ConfigError  # noqa: E402
+from flows import prefect_flows as pf  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+
+# ------------------------------------------------------------------------------ process helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    """A process in its own session (so its whole group can be killed), output to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after ``grace``; reap the leader."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not group_alive(pgid):
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is None:
+                try:
+                    proc.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not group_alive(pgid):
+                break
+            time.sleep(0.1)
+    if proc.poll() is None:
+        proc.wait(timeout=5)
+
+
+def our_processes() -> dict[int, str]:
+    """pid -> environment of every process of ours (readable /proc/<pid>/environ)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = (entry / "environ").read_bytes().decode(errors="replace").replace("\0", "\n")
+            except OSError:
+                continue
+    return out
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+class Prefect:
+    """The shared server: its environment, API and the processes started against it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DIFFENC_"))},
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_UI_ENABLED": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.data = root / "data"
+        self.runs = root / "runs"
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], cwd: Path = REPO) -> subprocess.Popen:
+        proc = start(cmd, self.env, self.root / f"{name}.log", cwd)
+        self.procs.append(proc)
+        return proc
+
+    def post(self, path: str, body: dict) -> list[dict]:
+        r = httpx.post(f"{self.api}{path}", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_for(self, what: str, check, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{what}: process exited ({proc.returncode}):\n{tail(log)}")
+            try:
+                if check():
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.25)
+        pytest.fail(f"{what}: not ready after {timeout:.0f}s:\n{tail(log)}")
+
+    def deployment_run(self, name: str, params: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+        cmd = [PREFECT, "deployment", "run", name, "--watch"]
+        for key, value in params.items():
+            cmd += ["--param", f"{key}={json.dumps(value)}"]
+        return subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def flow_runs(self, flow_name: str) -> list[dict]:
+        return self.post("/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_DESC"})
+
+    def logs(self, flow_run_id: str) -> str:
+        rows = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+        return "\n".join(r["message"] for r in rows)
+
+
+def tiny_overrides(run: str, *extra: str) -> dict:
+    return parse_overrides([*TINY_SETS, f"train.run={run}", *extra])
+
+
+@pytest.fixture(scope="module")
+def prefect() -> Iterator[Prefect]:
+    """A Prefect server and ``python -m flows.serve`` (cwd: the project root) for the module."""
+    root = Path(tempfile.mkdtemp(prefix="diffenc-prefect-test-"))
+    p = Prefect(root)
+    try:
+        t0 = time.monotonic()
+        server = p.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(p.port)])
+        p.wait_for("server", lambda: httpx.get(f"{p.api}/health", timeout=2).json() is True, 120,
+                   server, root / "server.log")
+        p.timings = {"server_s": time.monotonic() - t0}
+        t0 = time.monotonic()
+        serve = p.start("serve", [sys.executable, "-m", "flows.serve", "--limit", "4",
+                                  "--set", f"data.root={p.data}", "--set", f"train.runs_dir={p.runs}"])
+        names = {f"{fl.name}/{pf.DEPLOYMENT}" for fl in pf.FLOWS.values()}
+
+        def served() -> bool:
+            deps = p.post("/deployments/filter", {})
+            flows = {f["id"]: f["name"] for f in p.post("/flows/filter", {})}
+            return names <= {f"{flows.get(d['flow_id'])}/{d['name']}" for d in deps}
+
+        p.wait_for("serve", served, 90, serve, root / "serve.log")
+        p.timings["serve_s"] = time.monotonic() - t0
+        yield p
+    finally:
+        for proc in reversed(p.procs):
+            stop(proc)
+        left = [proc.pid for proc in p.procs if group_alive(proc.pid)]
+        # anything else started with this server's environment (flow-run processes, workers)
+        home = f"PREFECT_HOME={p.env['PREFECT_HOME']}\n"
+        strays = [pid for pid, env in our_processes().items() if home in env and pid != os.getpid()]
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+        assert not left and not strays, f"left after teardown: groups {left}, processes {strays}"
+
+
+# ------------------------------------------------------------------------------ cheap units
+def test_parameters_merge_dotted_and_nested_keys():
+    cfg = pf.resolve_config({"train.steps": 7, "model": {"latent_dim": 3},
+                             "tune": {"space": {"train.beta": {"type": "float", "low": 0.5, "high": 2}}}})
+    assert cfg.train.steps == 7 and cfg.model.latent_dim == 3
+    assert cfg.model.decoder.hidden == 256  # a nested section is merged, not replaced
+    assert list(cfg.tune.space) == ["train.beta"]  # the search space is replaced whole
+    full = cfg.to_dict()
+    assert pf.resolve_config(full, sets=["train.steps=99"]).to_dict() == full  # dispatch's full tree wins
+    with pytest.raises(ConfigError, match=r"unknown key 'train.stepz' \(did you mean 'train.steps'\?\)"):
+        pf.resolve_config({"train.stepz": 1})
+    with pytest.raises(ConfigError, match="train.beta"):
+        pf.resolve_config({"train": {"beta": -1}})
+
+
+def test_only_transient_errors_are_retried():
+    assert pf.is_transient(OSError("disk")) and pf.is_transient(ConnectionError())
+    assert not pf.is_transient(ConfigError("bad")) and not pf.is_transient(ValueError("bug"))
+    assert pf.train_task.retries == 2 and pf.train_task.retry_condition_fn is pf._retry_transient
+
+
+def test_resume_decision_follows_the_checkpoint_and_settings(tmp_path):
+    from diffenc_core import runs
+    from diffenc_core.config import dump
+
+    cfg = pf.resolve_config({**tiny_overrides("r"), "train.runs_dir": str(tmp_path)})
+    assert pf.resume_decision(cfg)[0] is False  # nothing there yet
+    run = runs.create(tmp_path, "r")
+    dump(cfg, run.file(runs.PARAMS))
+    (run.checkpoint_dir / "last.pt").write_bytes(b"x")
+    assert pf.resume_decision(cfg)[0] is True
+    longer = pf.resolve_config({**cfg.to_dict(), "train.steps": 500})
+    assert pf.resume_decision(longer)[0] is True  # a bigger budget continues the run
+    other = pf.resolve_config({**cfg.to_dict(), "train.beta": 2.0})
+    ok, why = pf.resume_decision(other)
+    assert not ok and "train.beta" in why
+
+
+def test_metrics_artifact_markdown():
+    text = pf.metrics_table({"β=0.5": {"mse": 0.12345, "state": "done"}, "β=2": {"mse": 0.5}})
+    assert text.splitlines()[0] == "| metric | β=0.5 | β=2 |"
+    assert "| mse | 0.1235 | 0.5 |" in text and "| state | done |  |" in text
+    assert pf.artifact_key("train", "Diffusion_beta0.5") == "diffenc-train-diffusion-beta0-5"
+
+
+# ------------------------------------------------------------------------------ end to end
+def flow_run_pids(flow_run_id: str) -> list[int]:
+    """Processes started for a flow run (the runner passes its id in their environment)."""
+    return [pid for pid, env in our_processes().items() if f"PREFECT__FLOW_RUN_ID={flow_run_id}" in env]
+
+
+def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
+    """The Done-when round trip, through a kill: a training flow run's process is SIGKILLed after
+    its first checkpoint; ``prefect deployment run … --watch`` with the same (tiny) parameters
+    then ends Completed, continuing the run from its last checkpoint to a valid run directory."""
+    t0 = time.monotonic()
+    over = tiny_overrides("tiny", "train.steps=40", "train.checkpoint_every=5", "train.val_every=20")
+    dep = httpx.get(f"{prefect.api}/deployments/name/diffenc-train/{pf.DEPLOYMENT}", timeout=10).json()
+    first = httpx.post(f"{prefect.api}/deployments/{dep['id']}/create_flow_run",
+                       json={"parameters": {"overrides": over}}, timeout=10).json()
+    run = prefect.runs / "tiny"
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.is_file():
+        assert time.monotonic() < deadline, tail(prefect.root / "serve.log")
+        time.sleep(0.05)
+    pids = flow_run_pids(first["id"])
+    assert pids, "the flow run's process was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "running" and "steps" not in status  # killed mid-run
+    t_kill = time.monotonic() - t0
+
+    res = prefect.deployment_run("diffenc-train/default", {"overrides": over})
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "Completed" in out, out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["steps"] == 40 and status["resumed_from"] >= 5, status
+    assert last.is_file() and (run / "history.parquet").is_file() and (run / "params.yaml").is_file()
+    assert (prefect.data / "digits" / "manifest.json").is_file()  # prepared on demand
+    killed = httpx.get(f"{prefect.api}/flow_runs/{first['id']}", timeout=10).json()
+    assert killed["state_type"] in ("CRASHED", "FAILED", "RUNNING"), killed["state_type"]
+    fr = next(r for r in prefect.flow_runs("diffenc-train") if r["state_type"] == "COMPLETED")
+    logs = prefect.logs(fr["id"])
+    assert "resuming" in logs and "tiny step 40/40 (100%)" in logs, logs  # progress in the flow logs
+    arts = prefect.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["diffenc-train-tiny"]}}})
+    assert arts and str(run) in arts[0]["data"] and "| val_neg_elbo |" in arts[0]["data"]
+    print(f"timings: {prefect.timings} until killed {t_kill:.1f}s, resumed run {time.monotonic() - t0 - t_kill:.1f}s")
+
+
+def test_bad_parameter_fails_with_the_message_and_writes_nothing(prefect):
+    t0 = time.monotonic()
+    bad = {**tiny_overrides("bad"), "train.stepz": 10, "data.root": str(prefect.root / "bad-data"),
+           "train.runs_dir": str(prefect.root / "bad-runs")}
+    res = prefect.deployment_run("diffenc-train/default", {"overrides": bad})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Failed" in out, out
+    fr = next(r for r in prefect.flow_runs("diffenc-train") if r["state_type"] == "FAILED")
+    logs = prefect.logs(fr["id"])
+    assert "unknown key 'train.stepz' (did you mean 'train.steps'?)" in logs, logs
+    assert not (prefect.root / "bad-data").exists() and not (prefect.root / "bad-runs").exists()
+    print(f"bad parameter run {time.monotonic() - t0:.1f}s")
+
+
+@pytest.fixture
+def api(prefect, monkeypatch):
+    """Flows called in this process talk to the shared server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect.api)
+    with temporary_settings({PREFECT_API_URL: prefect.api}):
+        yield prefect
+
+
+def test_cli_dispatch_runs_the_flows(api):
+    """With PREFECT_API_URL set the CLI's entry points run as flow runs (flows.dispatch)."""
+    from diffenc_core.config import load
+    from flows import dispatch
+
+    t0 = time.monotonic()
+    cfg = load(None, tiny("train.run=cli", f"data.root={api.data}", f"train.runs_dir={api.runs}"))
+    assert dispatch.use_prefect()
+    assert dispatch.call("prepare", cfg) == api.data / "digits"
+    run_dir = dispatch.call("train", cfg, resume=False, progress=False)
+    assert run_dir == api.runs / "cli"
+    metrics = dispatch.call("evaluate", cfg, run_dir=run_dir)
+    assert metrics["method"] == "diffusion" and math.isfinite(metrics["neg_elbo_nats"])
+    for name in ("diffenc-prepare", "diffenc-train", "diffenc-evaluate"):
+        assert prefect_state(api, name, "COMPLETED")
+    print(f"dispatch prepare+train+evaluate {time.monotonic() - t0:.1f}s")
+
+
+def prefect_state(p: Prefect, flow_name: str, state: str) -> bool:
+    return any(r["state_type"] == state for r in p.flow_runs(flow_name))
+
+
+def test_beta_sweep_fans_out_as_separate_flow_runs(api):
+    """Each β is its own flow run of the pipeline deployment, run by the serve process (in
+    parallel, each in its own process); the sweep collects their metrics into one artifact."""
+    t0 = time.monotonic()
+    state = pf.beta_sweep(overrides=tiny_overrides("sw", "train.steps=10", f"data.root={api.data}",
+                                                   f"train.runs_dir={api.runs}"),
+                          betas=[0.5, 2.0], return_state=True)
+    assert state.is_completed(), state
+    children = [r for r in api.flow_runs("diffenc-pipeline") if r["name"].startswith("sw-beta")]
+    assert sorted(r["name"] for r in children) == ["sw-beta0.5", "sw-beta2"]
+    assert all(r["state_type"] == "COMPLETED" and r["parent_task_run_id"] for r in children)
+    starts = sorted(r["start_time"] for r in children)
+    ends = sorted(r["end_time"] for r in children)
+    for beta in ("0.5", "2"):
+        metrics = json.loads((api.runs / f"sw-beta{beta}" / "metrics.json").read_text())
+        assert metrics["beta"] == float(beta) and "neg_elbo_nats" in metrics
+    arts = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["diffenc-beta-sweep-sw"]}}})
+    assert arts and "| neg_elbo_nats |" in arts[0]["data"] and "β=0.5" in arts[0]["data"]
+    print(f"sweep {time.monotonic() - t0:.1f}s; children overlapped: {starts[-1] < ends[0]}")
