@@ -201,6 +201,7 @@ class EvalConfig(_Section):
     rate_steps: int = Field(100, ge=1)
     refine_steps: int = Field(20, ge=0)
     iwae_k: int = Field(32, ge=1)
+    elbo_samples: int = Field(4, ge=1)
     n_recon: int = Field(16, ge=1)
     n_test: int = Field(500, ge=1)
     exact_logq_max_dim: int = Field(4, ge=0)

@@ -107,9 +107,13 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
     )
 
     # rate and ELBO (path bound for the diffusion encoder, closed form for the VAE)
-    z_rate, rate = _cat(_batched(method.encode_with_rate, x, bs))
-    with torch.no_grad():
-        ll = method.decoder.log_prob(x, z_rate)
+    lls, rates = [], []
+    for _ in range(ev.elbo_samples):  # average a few samples per x: a per-example ELBO, not one draw
+        z_rate, rate = _cat(_batched(method.encode_with_rate, x, bs))
+        with torch.no_grad():
+            lls.append(method.decoder.log_prob(x, z_rate))
+        rates.append(rate)
+    ll, rate = torch.stack(lls).mean(0), torch.stack(rates).mean(0)
     elbo = ll - rate
     out.update(rate_nats=rate.mean().item(), distortion_nats=(-ll).mean().item(), elbo_nats=elbo.mean().item(),
                neg_elbo_nats=-elbo.mean().item(), sigma_x=method.decoder.sigma().item())

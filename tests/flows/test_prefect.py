@@ -115,7 +115,7 @@ class Prefect:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "false",
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }
