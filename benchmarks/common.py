@@ -1,11 +1,15 @@
-"""Shared helpers for the benchmark scripts: machine facts, result files, a scratch workspace."""
+"""Shared helpers for the benchmark scripts: machine facts, result files, a scratch workspace,
+equal-wall-clock training (a step count calibrated so the cosine schedule ends near the budget,
+with ``train.time_budget_s`` as the hard cap) and plain-text tables."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +18,51 @@ import torch
 from diffenc_core import config, data, evaluate, runs, trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STEADY = 10**6  # a step index past every warm-up phase, for steady-state timings
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (the load average says how shared the machine was)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "diffenc_core"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit, dirty = "unknown", ""
     return {
-        "commit": commit,
+        "commit": commit + ("+dirty" if dirty else ""),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "load_average": list(os.getloadavg()),
     }
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    path = RESULTS / f"{name}.json"
+def result_name(name: str, quick: bool) -> str:
+    """``<name>`` for the full profile, ``<name>_quick`` for ``--quick`` (both can coexist)."""
+    return f"{name}_quick" if quick else name
+
+
+def write_result(name: str, payload: dict[str, Any], quick: bool = False) -> Path:
+    """``results/<name>[_quick].json`` with the machine, the command and the load average."""
+    path = RESULTS / f"{result_name(name, quick)}.json"
+    payload.setdefault("command", "python -m benchmarks." + name + "".join(" " + a for a in sys.argv[1:]))
     runs.atomic_write_json(path, {"machine": machine(), **payload})
     return path
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.load_start = list(os.getloadavg())
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 class Workspace:
@@ -55,10 +81,64 @@ class Workspace:
             data.prepare(cfg.data)
         return cfg
 
-    def train_and_evaluate(self, *sets: str) -> dict[str, Any]:
+    def train_and_evaluate(self, *sets: str, progress: bool = False) -> dict[str, Any]:
         cfg = self.config(*sets)
-        run = trainer.train(cfg, progress=True)
+        t0 = time.perf_counter()
+        run = trainer.train(cfg, progress=progress)
+        t1 = time.perf_counter()
         out = evaluate.evaluate(cfg, run)
         out["train_seconds"] = run.status().get("elapsed_s")
         out["train_steps"] = run.status().get("steps")
+        out["train_wall_seconds"] = t1 - t0
+        out["eval_seconds"] = time.perf_counter() - t1
+        out["run_dir"] = str(run.path)
         return out
+
+    def step_seconds(self, *sets: str, reps: int = 3) -> tuple[float, float]:
+        """Seconds per training step during the E-step warm-up and at steady state (median)."""
+        cfg = self.config(*sets)
+        split = data.load_split(cfg.data.prepared_dir, "train")
+        torch.manual_seed(0)
+        method = trainer.build_method(cfg, split.manifest)
+        b = min(cfg.train.batch_size, len(split))
+        idx = torch.arange(b)
+
+        def timed(step: int) -> float:
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                method.train_step(step, idx, split.x[idx])
+                ts.append(time.perf_counter() - t0)
+            return sorted(ts)[len(ts) // 2]
+
+        method.train_step(0, idx, split.x[idx])  # first-call overheads
+        warm = timed(0) if cfg.train.method == "diffusion" else None
+        steady = timed(STEADY)
+        return (warm if warm is not None else steady), steady
+
+    def steps_for_budget(self, budget_s: float, *sets: str) -> int:
+        """Training steps that fill ``budget_s`` of training time (so the cosine schedule ends there)."""
+        cfg = self.config(*sets)
+        warm_s, steady_s = self.step_seconds(*sets)
+        n_warm = cfg.em.warmup_steps if cfg.train.method == "diffusion" else 0
+        if budget_s <= n_warm * warm_s:
+            return max(10, int(budget_s / warm_s))
+        return max(10, int(n_warm + (budget_s - n_warm * warm_s) / steady_s))
+
+
+def fmt(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]], cols: list[str], nd: int = 4) -> str:
+    """A Markdown table (also readable as plain text)."""
+    head = "| " + " | ".join(cols) + " |"
+    sep = "| " + " | ".join("---" for _ in cols) + " |"
+    body = ["| " + " | ".join(fmt(r.get(c, ""), nd) for c in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])

@@ -181,11 +181,18 @@ def tune_show(
 
 @app.command()
 @user_errors
-def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def serve(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    limit: Annotated[int | None, typer.Option(help="most flow runs at once in this process")] = None,
+    work_pool: Annotated[
+        str | None, typer.Option(help="register the deployments on this process work pool instead of serving")
+    ] = None,
+) -> None:
     """Serve every Prefect deployment (needs a Prefect server: see the README)."""
     from flows.serve import main as serve_main
 
-    serve_main(params=params, sets=set_ or [])
+    serve_main(params=params, sets=set_ or [], limit=limit, work_pool=work_pool)
 
 
 @app.command()

@@ -70,9 +70,12 @@ def deployments(params: Path | None = DEFAULT_PARAMS, sets: list[str] | None = N
     ]
 
 
-def deploy_to_pool(pool: str, params: Path | None = DEFAULT_PARAMS, sets: list[str] | None = None) -> list[str]:
-    """Register every flow as ``<flow>/default`` on the process work pool ``pool`` (made if
-    missing), running from this project folder; return the deployment names."""
+def deploy_to_pool(pool: str, params: Path | None = DEFAULT_PARAMS, sets: list[str] | None = None,
+                   name: str | None = None) -> list[str]:
+    """Register every flow as ``<flow>/<name>`` (default ``default``) on the process work pool
+    ``pool`` (made if missing), its code loaded from this project folder (``from_source``; other
+    machines need the same path, e.g. a shared disk); return the deployment names."""
+    from prefect import deploy
     from prefect import flow as prefect_flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -86,14 +89,16 @@ def deploy_to_pool(pool: str, params: Path | None = DEFAULT_PARAMS, sets: list[s
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except ObjectAlreadyExists:
             pass
+    name = name or DEPLOYMENT
     root = Path.cwd()
-    names = []
-    for fl in FLOWS.values():
-        source = prefect_flow.from_source(source=str(root), entrypoint=f"flows/prefect_flows.py:{fl.fn.__name__}")
-        source.deploy(name=DEPLOYMENT, work_pool_name=pool, parameters=defaults, tags=["diffenc"],
-                      description=fl.description, print_next_steps=False)
-        names.append(f"{fl.name}/{DEPLOYMENT}")
-    return names
+    deps = [
+        prefect_flow.from_source(source=str(root), entrypoint=f"flows/prefect_flows.py:{fl.fn.__name__}")
+        .to_deployment(name=name, parameters=defaults, tags=["diffenc"], description=fl.description)
+        for fl in FLOWS.values()
+    ]
+    deploy(*deps, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
+           ignore_warnings=True)
+    return [f"{fl.name}/{name}" for fl in FLOWS.values()]
 
 
 def main(params: Path = DEFAULT_PARAMS, sets: list[str] | None = None, limit: int | None = None,

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,7 @@ class Prefect:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_SERVER_UI_ENABLED": "false",
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
@@ -164,16 +166,41 @@ def tiny_overrides(run: str, *extra: str) -> dict:
     return parse_overrides([*TINY_SETS, f"train.run={run}", *extra])
 
 
+def save_template(db: Path, template: Path) -> None:
+    """An online copy of the freshly migrated database (SQLite backup API), swapped in atomically."""
+    tmp = template.with_suffix(f".{os.getpid()}.tmp")
+    src, dst = sqlite3.connect(db), sqlite3.connect(tmp)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    os.replace(tmp, template)
+
+
 @pytest.fixture(scope="module")
-def prefect() -> Iterator[Prefect]:
-    """A Prefect server and ``python -m flows.serve`` (cwd: the project root) for the module."""
+def prefect(request) -> Iterator[Prefect]:
+    """A Prefect server and ``python -m flows.serve`` (cwd: the project root) for the module.
+
+    A new database needs ~10-20 s of migrations: the first run keeps a copy of the empty,
+    migrated database in pytest's cache (per Prefect version) and later runs start from it.
+    """
+    import prefect as prefect_pkg
+
     root = Path(tempfile.mkdtemp(prefix="diffenc-prefect-test-"))
     p = Prefect(root)
+    template = request.config.cache.mkdir("diffenc-prefect") / f"prefect-{prefect_pkg.__version__}.db"
+    db = Path(p.env["PREFECT_HOME"]) / "prefect.db"
+    db.parent.mkdir(parents=True)
+    if template.is_file():
+        shutil.copyfile(template, db)
     try:
         t0 = time.monotonic()
         server = p.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(p.port)])
         p.wait_for("server", lambda: httpx.get(f"{p.api}/health", timeout=2).json() is True, 120,
                    server, root / "server.log")
+        if not template.is_file():
+            save_template(db, template)
         p.timings = {"server_s": time.monotonic() - t0}
         t0 = time.monotonic()
         serve = p.start("serve", [sys.executable, "-m", "flows.serve", "--limit", "4",
@@ -260,7 +287,7 @@ def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
     its first checkpoint; ``prefect deployment run … --watch`` with the same (tiny) parameters
     then ends Completed, continuing the run from its last checkpoint to a valid run directory."""
     t0 = time.monotonic()
-    over = tiny_overrides("tiny", "train.steps=40", "train.checkpoint_every=5", "train.val_every=20")
+    over = tiny_overrides("tiny", "train.steps=30", "train.checkpoint_every=5", "train.val_every=15")
     dep = httpx.get(f"{prefect.api}/deployments/name/diffenc-train/{pf.DEPLOYMENT}", timeout=10).json()
     first = httpx.post(f"{prefect.api}/deployments/{dep['id']}/create_flow_run",
                        json={"parameters": {"overrides": over}}, timeout=10).json()
@@ -282,14 +309,14 @@ def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "Completed" in out, out
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "done" and status["steps"] == 40 and status["resumed_from"] >= 5, status
+    assert status["state"] == "done" and status["steps"] == 30 and status["resumed_from"] >= 5, status
     assert last.is_file() and (run / "history.parquet").is_file() and (run / "params.yaml").is_file()
     assert (prefect.data / "digits" / "manifest.json").is_file()  # prepared on demand
     killed = httpx.get(f"{prefect.api}/flow_runs/{first['id']}", timeout=10).json()
     assert killed["state_type"] in ("CRASHED", "FAILED", "RUNNING"), killed["state_type"]
     fr = next(r for r in prefect.flow_runs("diffenc-train") if r["state_type"] == "COMPLETED")
     logs = prefect.logs(fr["id"])
-    assert "resuming" in logs and "tiny step 40/40 (100%)" in logs, logs  # progress in the flow logs
+    assert "resuming" in logs and "tiny step 30/30 (100%)" in logs, logs  # progress in the flow logs
     arts = prefect.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["diffenc-train-tiny"]}}})
     assert arts and str(run) in arts[0]["data"] and "| val_neg_elbo |" in arts[0]["data"]
     print(f"timings: {prefect.timings} until killed {t_kill:.1f}s, resumed run {time.monotonic() - t0 - t_kill:.1f}s")
@@ -312,11 +339,17 @@ def test_bad_parameter_fails_with_the_message_and_writes_nothing(prefect):
 @pytest.fixture
 def api(prefect, monkeypatch):
     """Flows called in this process talk to the shared server."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.setenv("PREFECT_API_URL", prefect.api)
     with temporary_settings({PREFECT_API_URL: prefect.api}):
-        yield prefect
+        try:
+            yield prefect
+        finally:  # send this process's queued logs and events while the server is still up
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
 
 
 def test_cli_dispatch_runs_the_flows(api):
@@ -341,22 +374,38 @@ def prefect_state(p: Prefect, flow_name: str, state: str) -> bool:
     return any(r["state_type"] == state for r in p.flow_runs(flow_name))
 
 
-def test_beta_sweep_fans_out_as_separate_flow_runs(api):
-    """Each β is its own flow run of the pipeline deployment, run by the serve process (in
-    parallel, each in its own process); the sweep collects their metrics into one artifact."""
+def test_beta_sweep_fans_out_over_a_work_pool(api, monkeypatch):
+    """At scale: the deployments registered on a process work pool (``diffenc serve --work-pool``),
+    two ``prefect worker start --limit 1`` processes, and a β sweep whose runs (one flow run of the
+    pipeline deployment per β) are each executed by a different worker, in parallel."""
+    from flows import serve
+
     t0 = time.monotonic()
-    state = pf.beta_sweep(overrides=tiny_overrides("sw", "train.steps=10", f"data.root={api.data}",
-                                                   f"train.runs_dir={api.runs}"),
-                          betas=[0.5, 2.0], return_state=True)
+    pool = "diffenc-test"
+    workers = [api.start(f"worker{i}", [PREFECT, "worker", "start", "--pool", pool, "--type", "process",
+                                        "--limit", "1", "--name", f"w{i}"], cwd=api.root) for i in range(2)]
+    monkeypatch.chdir(REPO)  # the pool's deployments load the code from the project folder
+    names = serve.deploy_to_pool(pool, params=None, sets=[f"data.root={api.data}", f"train.runs_dir={api.runs}"],
+                                 name="pool")
+    assert "diffenc-pipeline/pool" in names and len(names) == len(pf.FLOWS)
+    over = tiny_overrides("sw", "train.steps=10", "train.method=vae", f"data.root={api.data}",
+                          f"train.runs_dir={api.runs}")
+    state = pf.beta_sweep(overrides=over, betas=[0.5, 2.0],
+                          deployment="diffenc-pipeline/pool", return_state=True)
     assert state.is_completed(), state
     children = [r for r in api.flow_runs("diffenc-pipeline") if r["name"].startswith("sw-beta")]
     assert sorted(r["name"] for r in children) == ["sw-beta0.5", "sw-beta2"]
     assert all(r["state_type"] == "COMPLETED" and r["parent_task_run_id"] for r in children)
-    starts = sorted(r["start_time"] for r in children)
-    ends = sorted(r["end_time"] for r in children)
+    # a process worker streams its flow runs' output: which worker's log shows each run starting
+    ran_on = {r["name"]: [i for i in range(2) if f" run={r['name']} " in tail(
+        api.root / f"worker{i}.log", 10**7)] for r in children}
+    assert sorted(sum(ran_on.values(), [])) == [0, 1], ran_on  # one β on each worker
     for beta in ("0.5", "2"):
         metrics = json.loads((api.runs / f"sw-beta{beta}" / "metrics.json").read_text())
-        assert metrics["beta"] == float(beta) and "neg_elbo_nats" in metrics
+        assert metrics["beta"] == float(beta) and metrics["method"] == "vae" and "neg_elbo_nats" in metrics
     arts = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["diffenc-beta-sweep-sw"]}}})
     assert arts and "| neg_elbo_nats |" in arts[0]["data"] and "β=0.5" in arts[0]["data"]
-    print(f"sweep {time.monotonic() - t0:.1f}s; children overlapped: {starts[-1] < ends[0]}")
+    starts = sorted(r["start_time"] for r in children)
+    ends = sorted(r["end_time"] for r in children)
+    assert all(w.poll() is None for w in workers)
+    print(f"pool sweep {time.monotonic() - t0:.1f}s; children overlapped: {starts[-1] < ends[0]}")
