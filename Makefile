@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# DVC stages call `python -m flows.cli`: run them with this project's environment first on PATH
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup demo test lint bench bench-quick clean
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import EncoderConfig, ModelConfig, VAEConfig
-from diffenc_core.networks import LOG_2PI, GaussianEncoderNet, ImageShape, ScoreNet
+from diffenc_core.networks import LOG_2PI, GaussianEncoderNet, ImageShape, ScoreNet, conv_shape
 from diffenc_core.rate import log_q_deterministic, score_integral, std_normal_log_prob
 from diffenc_core.sampling import DETERMINISTIC_SAMPLERS, SAMPLERS, EpsFn, ancestral
 from diffenc_core.schedule import LogSNRSchedule
@@ -38,6 +38,7 @@ class DiffusionEncoder(nn.Module):
         self.latent_dim = latent_dim
         self.base = enc_cfg.base
         self.schedule = LogSNRSchedule.from_config(enc_cfg)
+        image_shape = conv_shape(image_shape)
         self.score = ScoreNet.from_config(x_dim, latent_dim, enc_cfg, image_shape)
         self.head: GaussianEncoderNet | None = None
         if self.base != "none":

@@ -157,6 +157,16 @@ class GaussianDecoder(nn.Module):
         return -0.5 * sq - self.x_dim * (torch.log(sigma) + 0.5 * LOG_2PI)
 
 
+def conv_shape(image_shape: ImageShape | None, min_side: int = 16) -> ImageShape | None:
+    """``image_shape`` when convolutions pay off (H, W >= ``min_side``), else None (use MLPs).
+
+    Small images such as the 8x8 digits are cheaper and no worse with MLPs on the flat vector.
+    """
+    if image_shape is not None and min(image_shape[1:]) >= min_side:
+        return image_shape
+    return None
+
+
 def build_decoder(
     model_cfg: ModelConfig,
     x_dim: int,
@@ -171,8 +181,7 @@ def build_decoder(
     cfg = model_cfg.decoder
     kind = cfg.kind
     if kind == "auto":
-        big = image_shape is not None and min(image_shape[1:]) >= auto_conv_min_side
-        kind = "conv" if big else "mlp"
+        kind = "conv" if conv_shape(image_shape, auto_conv_min_side) else "mlp"
     if kind == "conv":
         if image_shape is None:
             raise ValueError("decoder.kind 'conv' needs image data (an image_shape (C, H, W))")

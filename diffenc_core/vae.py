@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import Config
-from diffenc_core.networks import GaussianEncoderNet, build_decoder
+from diffenc_core.networks import GaussianEncoderNet, build_decoder, conv_shape
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -41,7 +41,9 @@ class GaussianVAE(nn.Module):
         super().__init__()
         self.beta = cfg.train.beta
         self.grad_clip = cfg.train.grad_clip
-        self.encoder = GaussianEncoderNet.from_config(x_dim, cfg.model.latent_dim, cfg.model.vae, image_shape)
+        self.encoder = GaussianEncoderNet.from_config(
+            x_dim, cfg.model.latent_dim, cfg.model.vae, conv_shape(image_shape)
+        )
         self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape)
         self.optimizer = torch.optim.Adam(
             [

@@ -94,12 +94,14 @@ def test_gaussian_head_learns_through_the_eps_loss():
     assert enc.head.net[-1].weight.grad.abs().max() > 0
 
 
-def test_image_encoder_uses_a_conv_embedding():
-    enc = small_encoder("gaussian", x_dim=64, latent_dim=3, image_shape=(1, 8, 8))
+def test_image_encoder_uses_a_conv_embedding_for_images_of_16_pixels_and_more():
+    enc = small_encoder("gaussian", x_dim=256, latent_dim=3, image_shape=(1, 16, 16))
     assert any(isinstance(m, torch.nn.Conv2d) for m in enc.score.modules())
-    x = torch.rand(4, 64)
+    x = torch.rand(4, 256)
     assert enc.sample(x).shape == (4, 3)
     assert enc.loss(x, torch.randn(4, 3)).shape == ()
+    small = small_encoder("gaussian", x_dim=64, latent_dim=3, image_shape=(1, 8, 8))
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in small.modules()), "8x8 digits use MLPs"
 
 
 # ------------------------------------------------------------------------------- training
