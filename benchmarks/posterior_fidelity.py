@@ -38,7 +38,7 @@ TOYS = {
     "linear_gaussian": ["em.e_step=mala"],
     "bimodal": ["em.e_step=smc"],
 }
-BUDGET = {"quick": 20.0, "full": 180.0}  # training seconds per encoder and toy
+BUDGET = {"quick": 10.0, "full": 180.0}  # training seconds per encoder and toy
 
 
 def knn_kl_gap(samples: np.ndarray, log_joint: np.ndarray, log_px: float) -> float:

@@ -32,18 +32,18 @@ METHODS = ("diffusion", "vae")
 DATASETS = {
     "digits": {
         "sets": ["data.dataset=digits", "model.latent_dim=8"],
-        "budget": {"quick": 8.0, "full": 60.0},
+        "budget": {"quick": 5.0, "full": 60.0},
     },
     "sprites": {
         # 16x16 and MLP decoders with 128 hidden units, so that a run of a minute or two does something
         "sets": ["data.dataset=sprites", "data.count=5000", "data.image_size=16", "model.latent_dim=8",
                  "model.decoder.kind=mlp", "model.encoder.hidden=128", "model.vae.hidden=128"],
-        "budget": {"quick": 8.0, "full": 90.0},
+        "budget": {"quick": 5.0, "full": 90.0},
     },
 }
 EVAL = {
-    "quick": ["eval.n_test=200", "eval.rate_steps=50", "eval.elbo_samples=2", "eval.iwae_k=8",
-              "eval.refine_steps=10", "eval.exact_logq_max_dim=8"],
+    "quick": ["eval.n_test=100", "eval.rate_steps=25", "eval.elbo_samples=1", "eval.iwae_k=4",
+              "eval.refine_steps=5", "eval.exact_logq_max_dim=8"],
     "full": ["eval.n_test=500", "eval.rate_steps=100", "eval.elbo_samples=4", "eval.iwae_k=32",
              "eval.refine_steps=20", "eval.exact_logq_max_dim=8"],
 }
@@ -102,9 +102,10 @@ def plot(name: str, rows: list[dict], quick: bool) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for m, sub in df.groupby("method"):
         sub = sub.sort_values("rate_nats")
-        axes[0].plot(sub["rate_nats"], sub["distortion_nats"], "o-", label=m)
-        axes[1].plot(sub["rate_nats"], sub["mse_amortised"], "o-", label=f"{m} amortised")
-        axes[1].plot(sub["rate_nats"], sub["mse_refined"], "x--", label=f"{m} + Langevin", alpha=0.6)
+        col = "C0" if m == "diffusion" else "C1"
+        axes[0].plot(sub["rate_nats"], sub["distortion_nats"], "o-", color=col, label=m)
+        axes[1].plot(sub["rate_nats"], sub["mse_amortised"], "o-", color=col, label=f"{m} amortised")
+        axes[1].plot(sub["rate_nats"], sub["mse_refined"], "x--", color=col, label=f"{m} + Langevin", alpha=0.5)
         for _, r in sub.iterrows():
             axes[0].annotate(f"β={r['beta']:g}", (r["rate_nats"], r["distortion_nats"]), fontsize=7)
     axes[0].set_xlabel("rate (nats)")

@@ -31,7 +31,7 @@ def run(names: list[str], quick: bool) -> dict[str, float | None]:
     walls: dict[str, float | None] = {}
     for name in names:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if quick else [])]
-        print("$", " ".join(cmd[1:]), flush=True)
+        print("$ python", " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=env, cwd=REPORT.parent).returncode
         walls[name] = time.perf_counter() - t0 if rc == 0 else None

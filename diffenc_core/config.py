@@ -99,7 +99,7 @@ class DecoderConfig(_Section):
 class EncoderConfig(_Section):
     """The conditional epsilon-network of the diffusion encoder (docs/method.md §4)."""
 
-    base: Literal["gaussian", "whitened", "none"] = "gaussian"
+    base: Literal["gaussian", "whitened", "none"] = "whitened"
     hidden: int = Field(256, ge=1)
     blocks: int = Field(3, ge=1)
     time_embed_dim: int = Field(64, ge=2)
@@ -204,7 +204,7 @@ class EvalConfig(_Section):
     elbo_samples: int = Field(4, ge=1)
     n_recon: int = Field(16, ge=1)
     n_test: int = Field(500, ge=1)
-    exact_logq_max_dim: int = Field(4, ge=0)
+    exact_logq_max_dim: int = Field(8, ge=0)
     batch_size: int = Field(250, ge=1)
     active_unit_threshold: float = Field(0.01, gt=0.0)
 

@@ -406,25 +406,34 @@ def tune(overrides: dict[str, Any] | None = None, study: str | None = None, stor
     if fan_out < 1:
         raise ConfigError(f"parameters: fan_out must be >= 1 (got {fan_out})")
     name = study or cfg.tune.study
+    workers_note: dict[str, str] = {}
     if fan_out > 1:
+        cfg = _absolute_paths(cfg)
         _ensure_data(cfg)
         params = {"overrides": cfg.to_dict(), "study": study, "storage": storage, "n_trials": n_trials,
                   "workers": workers, "fan_out": 1}
         futures = [launch_task.submit(deployment, params, f"{name}-worker-{i}") for i in range(fan_out)]
-        children = [f.result() for f in futures]
-        summary = {c["name"]: {"state": c["state"]} for c in children}
-        publish("tune", name, f"Study {name}: {fan_out} parallel workers", summary)
-        failed = [c for c in children if c["state"] != "COMPLETED"]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {fan_out} tuning workers did not complete: "
-                               + "; ".join(f"{c['name']} {c['state']} {c['message'] or ''}" for c in failed))
-        return summary
-    _ensure_data(cfg)
+        for child in (f.result() for f in futures):
+            workers_note[f"worker {child['name']}"] = child["state"]
+            if child["state"] != "COMPLETED":
+                _logger().warning("tuning worker %s ended %s: %s (finishing the study here)",
+                                  child["name"], child["state"], child["message"])
+        workers = 1  # below: summarise the study, running here only what the workers left undone
+    else:
+        _ensure_data(cfg)
     result = tune_task(cfg, study, storage, n_trials, workers)
-    summary = _study_summary(result)
+    summary = {**workers_note, **_study_summary(result)}
     best_run = next((v for k, v in summary.items() if k.endswith(" run") and v), None)
-    publish("tune", name, f"Study {name}", {"value": summary}, {"best trial's run": best_run})
+    title = f"Study {name}" + (f" ({fan_out} parallel workers)" if fan_out > 1 else "")
+    publish("tune", name, title, {"value": summary}, {"best trial's run": best_run})
     return summary
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Fan-out children may run in another working folder (a worker's project checkout): send them
+    absolute data and runs folders, the ones this flow reads their results back from."""
+    return config_mod.with_overrides(cfg, {"data.root": str(Path(cfg.data.root).resolve()),
+                                           "train.runs_dir": str(Path(cfg.train.runs_dir).resolve())})
 
 
 def _method_cfg(cfg: Config, method: str, several: bool) -> Config:
@@ -464,6 +473,8 @@ def beta_sweep(overrides: dict[str, Any] | None = None, betas: list[float] | Non
     Runs are named ``<run or method>-beta<β>``; results are read back from their run directories,
     so every worker must see the same ``train.runs_dir`` (shared disk)."""
     cfg = _config(overrides, params_file, sets)
+    if via == "deployment":
+        cfg = _absolute_paths(cfg)
     betas = list(dict.fromkeys(betas or [0.25, 1.0, 4.0]))
     method = method or cfg.train.method
     base = cfg.train.run or method

@@ -236,6 +236,17 @@ def test_failing_stage_exits_nonzero_and_is_not_taken_for_valid(repo: Path) -> N
 
 
 @needs_dvc
+def test_corrupt_output_is_never_taken_for_valid(repo: Path) -> None:
+    (repo / "runs" / "vae" / "checkpoints" / "last.pt").write_bytes(b"truncated")
+    changed = json.loads(dvc(repo, "status", "--json").stdout)
+    outs = {k: v for entry in changed["train@vae"] for k, v in entry.get("changed outs", {}).items()}
+    assert outs == {"runs/vae/checkpoints": "modified"}
+    assert "evaluate@vae" in changed  # its input changed too: `dvc repro` retrains, then re-evaluates
+    dvc(repo, "checkout", "train@vae")
+    assert "up to date" in dvc(repo, "status").stdout
+
+
+@needs_dvc
 def test_push_and_pull_through_the_local_remote(repo: Path) -> None:
     dvc(repo, "push")
     shutil.rmtree(repo / "runs")

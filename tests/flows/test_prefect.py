@@ -7,6 +7,7 @@ is killed at the end, then checked gone. Runs and data go to a temporary folder.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -30,7 +31,9 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 
 # Never touch ~/.prefect or the repo's .prefect from this test process either.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="diffenc-test-prefect-home-"))
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="diffenc-test-prefect-home-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from diffenc_core.config import parse_overrides  # noqa: E402
@@ -368,6 +371,34 @@ def test_cli_dispatch_runs_the_flows(api):
     for name in ("diffenc-prepare", "diffenc-train", "diffenc-evaluate"):
         assert prefect_state(api, name, "COMPLETED")
     print(f"dispatch prepare+train+evaluate {time.monotonic() - t0:.1f}s")
+
+
+def test_transient_errors_are_retried_and_user_errors_are_not(api, monkeypatch):
+    """A flaky-disk OSError is retried (the retry resumes the run); a DiffencError is not."""
+    from diffenc_core.errors import DataError
+    from flows import entry
+
+    calls: list[bool] = []
+
+    def flaky(cfg, resume=False, progress=True, on_log=None, on_validate=None):
+        calls.append(resume)
+        if len(calls) == 1:
+            raise OSError("flaky disk")
+        return Path(cfg.train.runs_dir) / cfg.train.run_name
+
+    monkeypatch.setattr(entry, "train_entry", flaky)
+    monkeypatch.setattr(pf.train_task, "retry_delay_seconds", [0, 0])
+    over = tiny_overrides("flaky", f"data.root={api.data}", f"train.runs_dir={api.runs}")
+    assert pf.train(overrides=over) == api.runs / "flaky" and len(calls) == 2
+
+    def broken(cfg, **kwargs):
+        calls.append(True)
+        raise DataError("train.parquet: not readable")
+
+    calls.clear()
+    monkeypatch.setattr(entry, "train_entry", broken)
+    state = pf.train(overrides=over, return_state=True)
+    assert state.is_failed() and "train.parquet: not readable" in state.message and len(calls) == 1
 
 
 def prefect_state(p: Prefect, flow_name: str, state: str) -> bool:
