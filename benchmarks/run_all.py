@@ -110,10 +110,13 @@ def report_posterior(res: dict[str, Any]) -> list[str]:
 def report_rd(res: dict[str, Any]) -> list[str]:
     out = []
     for name, d in res["datasets"].items():
+        margin = (f", ×{d['step_margin']:g} so that the budget ends every run" if d.get("step_margin") else
+                  " — no margin: a run could end on its step count before the budget, see train_seconds")
         out += [f"#### {name}", "",
-                f"Budget {d['budget_s_per_run']:g} s of training per run (calibrated steps: "
-                f"{d['calibrated_steps']}); config `{' '.join(d['sets'])}`; eval `{' '.join(d['eval_sets'])}`.", ""]
-        cols = ["method", "beta", "train_steps", "rate_nats", "distortion_nats", "elbo_nats",
+                f"Budget {d['budget_s_per_run']:g} s of training per run (`train.steps` from a calibration: "
+                f"{d['calibrated_steps']}{margin}); config `{' '.join(d['sets'])}`; "
+                f"eval `{' '.join(d['eval_sets'])}`.", ""]
+        cols = ["method", "beta", "train_steps", "train_seconds", "rate_nats", "distortion_nats", "elbo_nats",
                 "elbo_exact_logq_nats", "iwae_k_nats", "mse_amortised", "mse_refined", "probe_accuracy"]
         extra = sorted({k for r in d["runs"] for k in r if k.startswith("probe_r2") or k == "probe_acc_shape"})
         out.append(table(d["runs"], cols + extra, 3))

@@ -242,7 +242,7 @@ def test_corrupt_output_is_never_taken_for_valid(repo: Path) -> None:
     outs = {k: v for entry in changed["train@vae"] for k, v in entry.get("changed outs", {}).items()}
     assert outs == {"runs/vae/checkpoints": "modified"}
     assert "evaluate@vae" in changed  # its input changed too: `dvc repro` retrains, then re-evaluates
-    dvc(repo, "checkout", "train@vae")
+    dvc(repo, "checkout", "--force", "train@vae")
     assert "up to date" in dvc(repo, "status").stdout
 
 

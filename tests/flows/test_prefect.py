@@ -1,8 +1,10 @@
 """Prefect flows end to end: a real server, ``diffenc serve``, ``prefect deployment run --watch``.
 
-One Prefect server (temporary ``PREFECT_HOME``, free loopback port) and one serve process are
-shared by the whole module; every process is started in its own session and its process group
-is killed at the end, then checked gone. Runs and data go to a temporary folder.
+One Prefect server (temporary ``PREFECT_HOME``, free loopback port) and one serve process
+(``python -m flows.serve``, cwd the project root) are shared by the whole module; the work-pool
+test adds two ``prefect worker`` processes. Every process is started in its own session; at the
+end each process group is killed, any process still carrying the server's ``PREFECT_HOME`` is
+killed, and the test fails if any was left. Runs and data go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -316,7 +318,7 @@ def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
     assert last.is_file() and (run / "history.parquet").is_file() and (run / "params.yaml").is_file()
     assert (prefect.data / "digits" / "manifest.json").is_file()  # prepared on demand
     killed = httpx.get(f"{prefect.api}/flow_runs/{first['id']}", timeout=10).json()
-    assert killed["state_type"] in ("CRASHED", "FAILED", "RUNNING"), killed["state_type"]
+    assert killed["state_type"] != "COMPLETED", killed["state_type"]  # the killed run never completed
     fr = next(r for r in prefect.flow_runs("diffenc-train") if r["state_type"] == "COMPLETED")
     logs = prefect.logs(fr["id"])
     assert "resuming" in logs and "tiny step 30/30 (100%)" in logs, logs  # progress in the flow logs
