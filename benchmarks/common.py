@@ -116,13 +116,13 @@ class Workspace:
         steady = timed(STEADY)
         return (warm if warm is not None else steady), steady
 
-    def steps_for_budget(self, budget_s: float, *sets: str, margin: float = 1.5) -> int:
+    def steps_for_budget(self, budget_s: float, *sets: str, margin: float = 3.0) -> int:
         """``train.steps`` for a run capped at ``budget_s`` of training time.
 
         ``margin`` times the steps that a calibration says fill the budget: on a shared machine the
         speed drifts, and the budget (``train.time_budget_s``), not the step count, must end every
         run so that runs get equal wall-clock. The cosine schedule then ends at about 1/margin of
-        its course (the learning rate at ~30 % of its start) instead of at its floor.
+        its course (the learning rate at ~75 % of its start) instead of at its floor.
         """
         cfg = self.config(*sets)
         warm_s, steady_s = self.step_seconds(*sets)

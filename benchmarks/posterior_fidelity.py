@@ -91,7 +91,7 @@ def exact_score_rates(truth: LinearGaussian, x: torch.Tensor, repeats: int = 10)
     z_post = mean + torch.randn(mean.shape, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
     rows = []
     for steps in (10, 25, 100, 400):
-        _, r = ancestral(eps_fn, torch.randn(x.shape[0], truth.z_dim, generator=g, dtype=torch.float64), sched,
+        _, r = ancestral(eps_fn, torch.randn(xd.shape[0], truth.z_dim, generator=g, dtype=torch.float64), sched,
                          steps, g)
         rows.append({"estimator": "path bound (ancestral)", "steps": steps, "rate_nats": float(r.mean()),
                      "std_error_nats": float(r.std() / len(r) ** 0.5)})
@@ -99,7 +99,7 @@ def exact_score_rates(truth: LinearGaussian, x: torch.Tensor, repeats: int = 10)
     rows.append({"estimator": "score integral (exact posterior samples)", "steps": 64, "rate_nats": float(si.mean()),
                  "std_error_nats": float(si.std() / len(si) ** 0.5)})
     for steps in (10, 25):
-        z_t = torch.randn(x.shape[0], truth.z_dim, generator=g, dtype=torch.float64)
+        z_t = torch.randn(xd.shape[0], truth.z_dim, generator=g, dtype=torch.float64)
         z, lq = log_q_deterministic(eps_fn, z_t, sched, steps, "dpmpp2m")
         r = lq - std_normal_log_prob(z)
         rows.append({"estimator": "exact log q (DPM++ flow)", "steps": steps, "rate_nats": float(r.mean()),

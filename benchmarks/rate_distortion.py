@@ -162,7 +162,7 @@ def main() -> None:
         matched = matched_rate(rows)
         results["datasets"][name] = {
             "sets": spec["sets"], "eval_sets": EVAL[profile], "budget_s_per_run": budget,
-            "calibrated_steps": calib, "step_margin": 1.5, "runs": rows, "mse_at_matched_rate": matched,
+            "calibrated_steps": calib, "step_margin": 3.0, "runs": rows, "mse_at_matched_rate": matched,
             "plot": plot(name, rows, args.quick),
         }
         cols = ["method", "beta", "train_steps", "rate_nats", "distortion_nats", "elbo_nats", "elbo_exact_logq_nats",

@@ -199,10 +199,35 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
                 parts.append(f"bimodal mode-mass error diffusion {_num(bi['diffusion'].get('mode_mass_error'))} vs "
                              f"Gaussian {_num(bi['vae'].get('mode_mass_error'))} vs raw Langevin "
                              f"{_num(bi['raw_langevin'].get('mode_mass_error'))}")
+            est = lg.get("rate_estimators_exact_score")
+            if est:
+                parts.append("rate estimators with the exact score vs the exact KL " + _num(est[0]["exact_kl_nats"])
+                             + ": " + ", ".join(f"{r['estimator'].split(' (')[0]} @{r['steps']} "
+                                                f"{r['error_nats']:+.3f}" for r in est))
             budget = (f"{res['budget_s_per_run']:g} s/encoder" if "budget_s_per_run" in res
                       else f"{res.get('steps')} steps")
             out.append(f"- **posterior fidelity** ({stem}, {budget}): " + "; ".join(parts))
     return out
+
+
+NOTES = [
+    "- Equal wall-clock and the learning-rate schedule: `trainer.lr_scale` runs the cosine over "
+    "`train.steps`, not over `train.time_budget_s`; a budget-aware schedule in `diffenc_core.trainer` "
+    "would let budgeted runs end at the schedule's floor.",
+    "- The diffusion encoder's E-step warm-up (`em.warmup_steps` = 200 steps of 60 MALA steps) is longer "
+    "than every budget used here on a loaded machine: the short runs never reach the steady EM regime. "
+    "The prototype's numbers (docs/method.md §9: digits ELBO 22 for the diffusion encoder at 150 s) need "
+    "several hundred steady steps.",
+    "- The path bound with the exact score has a per-example standard deviation of a few nats, so its mean "
+    "over 200 x carries ~0.15–0.3 nats of noise; the estimator table uses 10 draws per x.",
+    "- Digits has 1 437 training images: at 60 s the VAE makes ~6 000 steps (~550 epochs) and its held-out "
+    "ELBO falls for small β (overfitting; β=0.25 ELBO −46 vs +18.7 after 361 steps in an earlier run), so "
+    "its best held-out ELBO comes from β=4. No early stopping is applied to either method.",
+    "- `probe_accuracy` (from `evaluate`) fits and scores on halves of the test split (digits: 90 + 90 "
+    "examples): ±0.05 noise.",
+    "- Timings on a shared machine: compare ratios measured in the same process (the `x_vae_step` column), "
+    "not absolute times across sections or profiles.",
+]
 
 
 SECTIONS = {"posterior_fidelity": ("Posterior fidelity (toys with a known decoder)", report_posterior),
@@ -231,6 +256,12 @@ def write_report(walls: dict[str, float | None] | None = None) -> Path:
         "`--quick` profile trains for seconds: its quality numbers are smoke tests, not results — the "
         "diffusion encoder in particular gets only tens of EM steps, all inside its E-step warm-up.",
         "",
+        "How runs are made equal: each run gets the same `train.time_budget_s` of training time (time spent "
+        "in training steps; validation, checkpoints and evaluation are extra). `train.steps` comes from a "
+        "short calibration of the step cost, times a margin, so that the budget and not the step count ends "
+        "each run; the cosine learning-rate schedule is defined over `train.steps` and so ends early "
+        "(see the notes at the end).",
+        "",
         "## Headlines",
         "",
         *headlines(results),
@@ -243,6 +274,7 @@ def write_report(walls: dict[str, float | None] | None = None) -> Path:
                 profile = ("quick profile" if stem.endswith("_quick") else "full profile" if "profile" in res
                            else "an earlier run by an older version of the script")
                 lines += [f"## {title} — {profile}", "", _machine(res), "", *fn(res), ""]
+    lines += ["## Notes and known gaps", "", *NOTES, ""]
     if walls:
         lines += ["## Last run_all", "", table([{"benchmark": k, "wall_s": v if v is not None else "FAILED"}
                                                 for k, v in walls.items()], ["benchmark", "wall_s"], 4), ""]

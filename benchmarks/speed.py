@@ -191,7 +191,7 @@ def plot(res: dict, quick: bool) -> str:
     axes[0].legend(fontsize=7)
     ep = res["epoch_cost"]
     by_n = [r for r in ep if r["latent_dim"] == 8]
-    by_d = [r for r in ep if r["n_train"] == res["n_for_latent"]]
+    by_d = sorted((r for r in ep if r["n_train"] == res["n_for_latent"]), key=lambda r: r["latent_dim"])
     for method in ("diffusion", "vae"):
         axes[1].plot([r["n_train"] for r in by_n], [r[f"{method}_epoch_s"] for r in by_n], "o-", label=method)
         axes[2].plot([r["latent_dim"] for r in by_d], [r[f"{method}_epoch_s"] for r in by_d], "o-", label=method)

@@ -64,14 +64,18 @@ def build_method(cfg: Config, manifest: dict[str, Any]) -> DiffusionEM | Gaussia
     return DiffusionEM(cfg, manifest["x_dim"], manifest["sizes"]["train"], shape, decoder)
 
 
-def lr_scale(cfg: Config, step: int) -> float:
-    """Learning-rate multiplier at ``step``: cosine from 1 to ``lr_final_ratio``, or constant.
+def lr_scale(cfg: Config, step: int, elapsed_s: float = 0.0) -> float:
+    """Learning-rate multiplier: cosine from 1 to ``lr_final_ratio`` over the budget, or constant.
 
-    A pure function of the step, so a resumed run gets exactly the same rates.
+    The budget is the step count, or the time budget when that ends the run first. Without a
+    time budget it is a pure function of the step, so a resumed run gets exactly the same rates.
     """
     if cfg.train.lr_schedule == "constant":
         return 1.0
-    progress = min(step / max(1, cfg.train.steps), 1.0)
+    progress = step / max(1, cfg.train.steps)
+    if cfg.train.time_budget_s:
+        progress = max(progress, elapsed_s / cfg.train.time_budget_s)
+    progress = min(progress, 1.0)
     floor = cfg.train.lr_final_ratio
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -190,7 +194,7 @@ def train(
                 break
             t0 = time.perf_counter()
             idx = batch_indices(cfg.train.seed, step, len(train_split), cfg.train.batch_size).to(device)
-            set_lr(method.optimizers(), lr_scale(cfg, step))
+            set_lr(method.optimizers(), lr_scale(cfg, step, elapsed))
             stats = method.train_step(step, idx, x_train[idx])
             elapsed += time.perf_counter() - t0
             step += 1
@@ -228,7 +232,7 @@ def train(
 class _progress:
     """A rich progress bar with the loss, sync gap and acceptance (silent when disabled)."""
 
-    FIELDS = ("loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
+    FIELDS = ("epoch", "loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
 
     def __init__(self, enabled: bool, total: int, start: int, name: str):
         self.prog = None

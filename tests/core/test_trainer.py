@@ -136,7 +136,7 @@ def test_time_budget_stops_early(prepared, tmp_path):
 
 def test_stop_training_from_a_callback(prepared, tmp_path):
     def prune(step, val):
-        raise trainer.StopTraining("pruned at step %d" % step)
+        raise trainer.StopTraining(f"pruned at step {step}")
 
     with pytest.raises(trainer.StopTraining):
         trainer.train(_cfg(prepared, tmp_path), progress=False, on_validate=prune)
