@@ -136,7 +136,7 @@ class TrainConfig(_Section):
     run: str | None = None
     runs_dir: str = "runs"
     beta: float = Field(1.0, gt=0.0)
-    steps: int = Field(4000, ge=1)
+    steps: int = Field(2000, ge=1)
     time_budget_s: float = Field(0.0, ge=0.0)
     batch_size: int = Field(128, ge=1)
     lr_encoder: float = Field(1e-3, gt=0.0)
@@ -196,6 +196,7 @@ class EMConfig(_Section):
 class EvalConfig(_Section):
     """What an evaluation computes (docs/method.md §8)."""
 
+    checkpoint: Literal["best", "last"] = "best"
     sampler: Literal["dpmpp2m", "ddim", "ancestral"] = "dpmpp2m"
     sampler_steps: int = Field(10, ge=1)
     rate_steps: int = Field(100, ge=1)

@@ -1,6 +1,7 @@
 """Evaluate a trained run (docs/method.md §8) and write its metrics, tables and plots.
 
-Reads ``checkpoints/last.pt`` and the test split; writes ``metrics.json``, ``recon.parquet``,
+Reads ``checkpoints/best.pt`` (or ``last.pt``: ``eval.checkpoint``) and the test split; writes
+``metrics.json``, ``recon.parquet``,
 ``latents.parquet`` (and ``posterior.parquet`` for the toys with a known posterior) and
 ``plots/*.png``. The model configuration comes from the checkpoint; ``eval`` from the caller.
 """
@@ -19,7 +20,7 @@ from torch import Tensor
 from diffenc_core import checkpoint, data, metrics, plots, runs
 from diffenc_core.config import Config, from_dict
 from diffenc_core.em import DiffusionEM
-from diffenc_core.errors import RunError
+from diffenc_core.errors import CheckpointError, RunError
 from diffenc_core.langevin import e_step
 from diffenc_core.toys import Bimodal, LinearGaussian, std_normal_log_prob, toy_from_manifest
 from diffenc_core.trainer import build_method, device_for
@@ -30,16 +31,27 @@ POSTERIOR = "posterior.parquet"
 
 
 def load_method(run: runs.Run, eval_cfg: Config | None = None) -> tuple[Method, Config]:
-    """Rebuild a run's model from its last checkpoint (its own config, the caller's eval section)."""
-    state = checkpoint.load(run.checkpoint_dir / "last.pt")
-    cfg = from_dict(state["config"], f"{run.checkpoint_dir / 'last.pt'}[config]")
+    """Rebuild a run's model from its checkpoint (its own config, the caller's eval section).
+
+    ``eval.checkpoint: best`` takes the checkpoint with the best validation -ELBO (early
+    stopping on held-out data), ``last`` the final one.
+    """
+    name = eval_cfg.eval.checkpoint if eval_cfg is not None else "best"
+    path = run.checkpoint_dir / f"{name}.pt"
+    if not path.exists():  # a run too short to validate has only last.pt
+        path = run.checkpoint_dir / "last.pt"
+    state = checkpoint.load(path)
+    cfg = from_dict(state["config"], f"{path}[config]")
     if eval_cfg is not None:
         cfg = cfg.model_copy(update={"eval": eval_cfg.eval})
     manifest = data.read_manifest(cfg.data.prepared_dir)
     method = build_method(cfg, manifest)
     if method.name != state["method"]:
         raise RunError(f"{run.path}: checkpoint holds a '{state['method']}' run, its config says '{method.name}'")
-    method.load_state(state)
+    try:
+        method.load_state(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: does not fit this code and configuration ({err})") from None
     method.to(device_for(cfg)).eval()
     return method, cfg
 

@@ -277,7 +277,7 @@ def resume_decision(cfg: Config) -> tuple[bool, str]:
 
 
 @task(name="train-model", **TASK_OPTIONS)
-def train_task(cfg: Config, resume: bool = True, progress: bool = False) -> Path:
+def train_task(cfg: Config, resume: bool = True, progress: bool = False, live_dir: str | None = None) -> Path:
     """Train, resuming from the run's last checkpoint when asked (and always on a retry)."""
     from prefect.runtime import task_run
 
@@ -292,11 +292,23 @@ def train_task(cfg: Config, resume: bool = True, progress: bool = False) -> Path
     total, name = cfg.train.steps, cfg.train.run_name
     shown = ("loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo", "val_mse")
 
+    live = None
+    if live_dir is not None:
+        from flows.dvclive_log import LiveLogger
+
+        live = LiveLogger(live_dir, resume=do_resume)
+
     def on_log(step: int, row: dict[str, float]) -> None:
         info = " ".join(f"{k}={row[k]:.4g}" for k in shown if k in row)
         log.info("%s step %d/%d (%.0f%%) %s", name, step, total, 100 * step / total, info)
+        if live is not None:
+            live(step, row)
 
-    return entry.train_entry(cfg, resume=do_resume, progress=progress, on_log=on_log)
+    try:
+        return entry.train_entry(cfg, resume=do_resume, progress=progress, on_log=on_log)
+    finally:
+        if live is not None:
+            live.close()
 
 
 @task(name="evaluate-run", **TASK_OPTIONS)
@@ -355,12 +367,12 @@ def prepare(overrides: dict[str, Any] | None = None, params_file: str | None = N
 @flow(name="diffenc-train", description="Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/. "
       "Re-running it continues a killed run from its last checkpoint.")
 def train(overrides: dict[str, Any] | None = None, resume: bool = True, progress: bool = False,
-          params_file: str | None = None, sets: list[str] | None = None) -> Path:
+          params_file: str | None = None, sets: list[str] | None = None, live_dir: str | None = None) -> Path:
     """``resume=True`` (the default) continues the run from ``checkpoints/last.pt`` when it exists
     and was written with the same settings (the budget may grow); ``resume=False`` starts over."""
     cfg = _config(overrides, params_file, sets)
     _ensure_data(cfg)
-    run_dir = train_task(cfg, resume=resume, progress=progress)
+    run_dir = train_task(cfg, resume=resume, progress=progress, live_dir=live_dir)
     publish("train", cfg.train.run_name, f"Training {cfg.train.run_name} ({cfg.train.method})",
             {"value": train_summary(run_dir)}, {"run directory": run_dir})
     return run_dir
