@@ -4,6 +4,7 @@ with ``train.time_budget_s`` as the hard cap) and plain-text tables."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -40,6 +41,25 @@ def machine() -> dict[str, Any]:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "load_average": list(os.getloadavg()),
     }
+
+
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--quick`` and ``--keep DIR``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="minutes, not an hour")
+    ap.add_argument("--keep", default=None, help="keep the workspace in this folder")
+    return ap
+
+
+def save_figure(fig: Any, name: str, quick: bool) -> str:
+    """Write ``fig`` as ``results/<name>[_quick].png`` and return the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = RESULTS / f"{result_name(name, quick)}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
 
 
 def result_name(name: str, quick: bool) -> str:

@@ -19,14 +19,13 @@ of the DPM++(2M) probability flow through its Jacobian, at several step counts.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from benchmarks.common import RESULTS, Timer, Workspace, result_name, table, write_result
+from benchmarks.common import Timer, Workspace, arg_parser, save_figure, table, write_result
 from diffenc_core import config, data
 from diffenc_core.langevin import e_step
 from diffenc_core.rate import log_q_deterministic, score_integral
@@ -136,18 +135,12 @@ def plot(results: dict, quick: bool) -> str:
         ax.axhline(math.log(2), color="k", lw=0.6, ls=":")
         ax.set_title(f"{toy}: ELBO gap to exact log p(x) (nats)", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = RESULTS / f"{result_name('posterior_fidelity', quick)}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, "posterior_fidelity", quick)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="minutes, not an hour")
+    ap = arg_parser(__doc__)
     ap.add_argument("--budget", type=float, default=None, help="training seconds per encoder and toy")
-    ap.add_argument("--keep", default=None, help="keep the workspace in this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     timer = Timer()

@@ -13,8 +13,6 @@ Then the MSE of each method at the other's rates (linear interpolation of its MS
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -23,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, Timer, Workspace, result_name, table, write_result  # noqa: E402
+from benchmarks.common import Timer, Workspace, arg_parser, save_figure, table, write_result  # noqa: E402
 from diffenc_core import metrics, runs  # noqa: E402
 
 BETAS = [0.25, 0.5, 1.0, 2.0, 4.0]
@@ -116,20 +114,14 @@ def plot(name: str, rows: list[dict], quick: bool) -> str:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.suptitle(f"{name}: rate–distortion, equal wall-clock per run")
-    fig.tight_layout()
-    path = RESULTS / f"{result_name('rate_distortion_' + name, quick)}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, "rate_distortion_" + name, quick)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="minutes, not an hour")
+    ap = arg_parser(__doc__)
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--budget", type=float, default=None, help="training seconds per run (overrides the profile)")
     ap.add_argument("--betas", type=float, nargs="+", default=BETAS)
-    ap.add_argument("--keep", default=None, help="keep the workspace in this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     profile = "quick" if args.quick else "full"

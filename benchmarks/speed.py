@@ -16,7 +16,6 @@ load average stored with the results.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +26,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, STEADY, Timer, Workspace, result_name, table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    STEADY,
+    Timer,
+    Workspace,
+    arg_parser,
+    save_figure,
+    table,
+    write_result,
+)
 from diffenc_core import data, evaluate, trainer  # noqa: E402
 from diffenc_core.trainer import build_method  # noqa: E402
 
@@ -201,17 +208,11 @@ def plot(res: dict, quick: bool) -> str:
         ax.set_ylabel("seconds per epoch")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = RESULTS / f"{result_name('speed', quick)}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, "speed", quick)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="minutes, not an hour")
-    ap.add_argument("--keep", default=None, help="keep the workspace in this folder")
+    ap = arg_parser(__doc__)
     args = ap.parse_args()
     torch.set_num_threads(1)
     timer = Timer()

@@ -236,6 +236,17 @@ def prune_compare(valid_ids: list[str]) -> None:
     st.session_state[K_COMPARE] = [r for r in cur if r in set(valid_ids)]
 
 
+def page_runs(title: str) -> tuple[pd.DataFrame, list[str]]:
+    """A comparison page's header: its title, the runs table and the chosen runs (stops if none)."""
+    st.title(title)
+    table = runs_table()
+    chosen = selected_runs(table)
+    if not chosen:
+        st.info("Select runs to compare on the **Runs** page (or in the sidebar).")
+        st.stop()
+    return table, chosen
+
+
 def selected_runs(table: pd.DataFrame | None = None, fallback: int = 3) -> list[str]:
     """The runs chosen for comparison; with none chosen, the latest few finished runs (and say so)."""
     table = runs_table() if table is None else table

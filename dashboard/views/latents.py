@@ -9,12 +9,7 @@ import streamlit as st
 from dashboard import common, figures
 from diffenc_core import runs
 
-st.title("Latents")
-table = common.runs_table()
-chosen = common.selected_runs(table)
-if not chosen:
-    st.info("Select runs to compare on the **Runs** page (or in the sidebar).")
-    st.stop()
+table, chosen = common.page_runs("Latents")
 col = common.colours(chosen)
 
 latents: dict[str, pd.DataFrame] = {}

@@ -8,12 +8,7 @@ import streamlit as st
 from dashboard import common, figures
 from diffenc_core import runs
 
-st.title("Training")
-table = common.runs_table()
-chosen = common.selected_runs(table)
-if not chosen:
-    st.info("Select runs to compare on the **Runs** page (or in the sidebar).")
-    st.stop()
+table, chosen = common.page_runs("Training")
 
 PREFERRED = ["loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo", "val_rate",
              "val_distortion", "val_mse", "rate", "step_size", "sigma_x"]

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from exact import exact_eps_fn
 
 from diffenc_core.rate import (
     exact_rate_from_log_q,
@@ -31,16 +32,6 @@ from diffenc_core.toys import LinearGaussian
 torch.set_num_threads(1)
 
 N = 4000
-
-
-def exact_eps_fn(toy: LinearGaussian, x: torch.Tensor, schedule: LogSNRSchedule):
-    """eps_hat = -sigma * (exact score of the posterior diffused to logsnr)."""
-
-    def fn(z, logsnr):
-        alpha, sigma = schedule.alpha_sigma(logsnr)
-        return -sigma.reshape(-1, 1) * toy.score(z, x, alpha, sigma)
-
-    return fn
 
 
 @pytest.fixture(scope="module")

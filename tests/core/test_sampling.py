@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact import exact_eps_fn
 
 from diffenc_core.sampling import ancestral, ddim, dpmpp_2m
 from diffenc_core.schedule import LogSNRSchedule
@@ -23,16 +24,6 @@ from diffenc_core.toys import LinearGaussian
 torch.set_num_threads(1)
 
 N = 4000
-
-
-def exact_eps_fn(toy: LinearGaussian, x: torch.Tensor, schedule: LogSNRSchedule):
-    """eps_hat = -sigma * (exact score of the posterior diffused to logsnr)."""
-
-    def fn(z, logsnr):
-        alpha, sigma = schedule.alpha_sigma(logsnr)
-        return -sigma.reshape(-1, 1) * toy.score(z, x, alpha, sigma)
-
-    return fn
 
 
 @pytest.fixture(scope="module")
