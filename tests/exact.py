@@ -16,3 +16,11 @@ def exact_eps_fn(toy: LinearGaussian, x: torch.Tensor, schedule: LogSNRSchedule)
         return -sigma.reshape(-1, 1) * toy.score(z, x, alpha, sigma)
 
     return fn
+
+
+def linear_gaussian_case(n: int = 4000):
+    """The linear-Gaussian toy of method.md §9, ``n`` held-out x, the schedule and the exact eps_fn."""
+    toy = LinearGaussian.from_posterior_std(8, [0.09, 0.26], 0.1, seed=0)
+    x, _ = toy.sample(n, torch.Generator().manual_seed(0))
+    schedule = LogSNRSchedule()
+    return toy, x, schedule, exact_eps_fn(toy, x, schedule)

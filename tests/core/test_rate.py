@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from exact import exact_eps_fn
+from exact import exact_eps_fn, linear_gaussian_case
 
 from diffenc_core.rate import (
     exact_rate_from_log_q,
@@ -26,8 +26,6 @@ from diffenc_core.rate import (
     std_normal_log_prob,
 )
 from diffenc_core.sampling import ancestral, dpmpp_2m
-from diffenc_core.schedule import LogSNRSchedule
-from diffenc_core.toys import LinearGaussian
 
 torch.set_num_threads(1)
 
@@ -36,11 +34,8 @@ N = 4000
 
 @pytest.fixture(scope="module")
 def setup():
-    toy = LinearGaussian.from_posterior_std(8, [0.09, 0.26], 0.1, seed=0)
-    x, _ = toy.sample(N, torch.Generator().manual_seed(0))
-    schedule = LogSNRSchedule()
-    kl = toy.kl_to_prior(x)
-    return toy, x, schedule, exact_eps_fn(toy, x, schedule), kl
+    toy, x, schedule, eps_fn = linear_gaussian_case(N)
+    return toy, x, schedule, eps_fn, toy.kl_to_prior(x)
 
 
 def gaussian_kl_to_prior(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exact import exact_eps_fn
+from exact import linear_gaussian_case
 
 from diffenc_core.sampling import ancestral, ddim, dpmpp_2m
 from diffenc_core.schedule import LogSNRSchedule
-from diffenc_core.toys import LinearGaussian
 
 torch.set_num_threads(1)
 
@@ -28,10 +27,7 @@ N = 4000
 
 @pytest.fixture(scope="module")
 def setup():
-    toy = LinearGaussian.from_posterior_std(8, [0.09, 0.26], 0.1, seed=0)
-    x, _ = toy.sample(N, torch.Generator().manual_seed(0))
-    schedule = LogSNRSchedule()
-    return toy, x, schedule, exact_eps_fn(toy, x, schedule)
+    return linear_gaussian_case(N)
 
 
 def assert_is_posterior(toy, x, z):

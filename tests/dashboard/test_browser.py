@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from procs import stop
 
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "dashboard" / "app.py"
@@ -78,12 +79,7 @@ def server(runs_dir, tmp_path_factory):
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

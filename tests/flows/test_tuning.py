@@ -20,6 +20,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from procs import stop
 from tiny import tiny
 from typer.testing import CliRunner
 
@@ -200,11 +201,7 @@ def test_optuna_dashboard_lists_the_study(in_tmp):
                 time.sleep(0.3)
         assert [s["study_name"] for s in body["study_summaries"]] == ["dash"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.mark.parametrize(
