@@ -186,7 +186,7 @@ def train(
             payload["best"] = best
             checkpoint.save(run.checkpoint_dir / "best.pt", payload)
 
-    bar = _progress(progress, cfg.train.steps, start, run.name)
+    bar = _Progress(progress, cfg.train.steps, start, run.name)
     step = start
     try:
         while step < cfg.train.steps:
@@ -229,7 +229,7 @@ def train(
     return run
 
 
-class _progress:
+class _Progress:
     """A rich progress bar with the loss, sync gap and acceptance (silent when disabled)."""
 
     FIELDS = ("epoch", "loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
