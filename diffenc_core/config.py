@@ -70,9 +70,8 @@ class DataConfig(_Section):
 
     @property
     def name(self) -> str:
-        """Folder name under ``root``: the dataset, or the user's file stem."""
-        if self.dataset == "file" and self.path:
-            return Path(self.path).stem or "file"
+        """Folder name under ``root``: the dataset kind (``file`` for the user's own data), the
+        same path DVC's ``prepare`` stage declares as its output."""
         return self.dataset
 
     @property

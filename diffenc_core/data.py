@@ -311,6 +311,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def recipe(cfg: DataConfig) -> dict[str, Any]:
+    """Everything in ``cfg`` that decides the prepared data (not where it is written); a user
+    file's path is made absolute so the same file named two ways is the same recipe."""
+    out = cfg.model_dump(mode="json", exclude={"root"})
+    if cfg.dataset == "file" and cfg.path:
+        out["path"] = str(Path(cfg.path).resolve())
+    return out
+
+
+def is_prepared(cfg: DataConfig) -> bool:
+    """True when ``cfg.prepared_dir`` holds data prepared from exactly this recipe."""
+    try:
+        manifest = read_manifest(cfg.prepared_dir)
+    except DataError:
+        return False
+    return manifest.get("recipe") == recipe(cfg)
+
+
 def prepare(cfg: DataConfig) -> Path:
     """Build the prepared dataset folder atomically and return its path.
 
@@ -338,6 +356,7 @@ def prepare(cfg: DataConfig) -> Path:
             "has_label": arrays.label is not None,
             "factors": list(arrays.factors),
             "sha256": hashes,
+            "recipe": recipe(cfg),
             **arrays.extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

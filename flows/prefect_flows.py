@@ -219,17 +219,6 @@ def train_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- tasks
-def _data_ready(cfg: Config) -> bool:
-    """Prepared data exists and was made from the same dataset and seed."""
-    from diffenc_core import data
-
-    try:
-        manifest = data.read_manifest(cfg.data.prepared_dir)
-    except DiffencError:
-        return False
-    return manifest.get("dataset") == cfg.data.dataset and manifest.get("seed") == cfg.data.seed
-
-
 @task(name="prepare-data", **TASK_OPTIONS)
 def prepare_task(cfg: Config) -> Path:
     from diffenc_core import data
@@ -342,7 +331,9 @@ def launch_task(deployment: str, parameters: dict[str, Any], flow_run_name: str)
 
 
 def _ensure_data(cfg: Config) -> None:
-    if _data_ready(cfg):
+    from diffenc_core import data
+
+    if data.is_prepared(cfg.data):
         return
     _logger().info("%s is not prepared (or was prepared differently): preparing it", cfg.data.prepared_dir)
     prepare_task(cfg)

@@ -51,7 +51,7 @@ from rich.table import Table
 from diffenc_core import config as config_mod
 from diffenc_core import data, runs, trainer
 from diffenc_core.config import Config, SearchDim
-from diffenc_core.errors import ConfigError, DataError, DiffencError
+from diffenc_core.errors import ConfigError, DiffencError
 from flows import entry
 
 console = Console()
@@ -171,10 +171,9 @@ def suggest(trial: optuna.Trial, space: dict[str, SearchDim]) -> dict[str, Any]:
 
 
 def ensure_data(cfg: Config) -> None:
-    """Prepare the dataset once, before any worker starts (workers only read it)."""
-    try:
-        data.read_manifest(cfg.data.prepared_dir)
-    except DataError:
+    """Prepare the dataset once, before any worker starts (workers only read it); again when
+    ``data`` settings changed since it was prepared."""
+    if not data.is_prepared(cfg.data):
         console.print(f"preparing {cfg.data.name} into {cfg.data.prepared_dir}")
         entry.prepare_entry(cfg)
 

@@ -55,6 +55,20 @@ def test_deterministic_for_a_seed(tmp_path):
     assert json.loads((c / "manifest.json").read_text())["sha256"] != ma["sha256"]
 
 
+def test_is_prepared_follows_the_recipe(tmp_path):
+    cfg, out = _prepare(tmp_path, "data.dataset=sprites", "data.count=60", "data.image_size=16")
+    assert data.is_prepared(cfg.data)
+    moved = config.with_overrides(cfg, {"data.root": str(tmp_path / "elsewhere")})
+    assert not data.is_prepared(moved.data)  # nothing there
+    for change in ({"data.count": 80}, {"data.seed": 1}, {"data.image_size": 24}, {"data.val_fraction": 0.2}):
+        assert not data.is_prepared(config.with_overrides(cfg, change).data), change
+    np.save(tmp_path / "a.npy", np.zeros((20, 3), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((20, 3), np.float32))
+    cfg_a, _ = _prepare(tmp_path, "data.dataset=file", f"data.path={tmp_path / 'a.npy'}")
+    cfg_b = config.with_overrides(cfg_a, {"data.path": str(tmp_path / "b.npy")})
+    assert data.is_prepared(cfg_a.data) and not data.is_prepared(cfg_b.data)  # another file: prepare again
+
+
 def test_toys_record_their_ground_truth(tmp_path):
     _, out = _prepare(tmp_path, "data.dataset=linear_gaussian", "data.count=400")
     model = toy_from_manifest(data.read_manifest(out))
@@ -82,7 +96,7 @@ def test_user_npz_parquet_npy_png(tmp_path):
     arr = rng.random((40, 5)).astype(np.float32)
     np.savez(tmp_path / "mine.npz", x=arr, y=np.arange(40) % 3)
     _, out = _prepare(tmp_path, "data.dataset=file", f"data.path={tmp_path / 'mine.npz'}")
-    assert out.name == "mine"
+    assert out.name == "file"  # the folder DVC's prepare stage declares, whatever the file is called
     assert data.read_manifest(out)["has_label"]
     np.save(tmp_path / "arr.npy", arr)
     _, out = _prepare(tmp_path, "data.dataset=file", f"data.path={tmp_path / 'arr.npy'}")

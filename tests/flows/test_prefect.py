@@ -31,6 +31,7 @@ from tiny import TINY_SETS, tiny
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
+RETRY_STATUS = {429, 502, 503}
 
 # Never touch ~/.prefect or the repo's .prefect from this test process either.
 if "PREFECT_HOME" not in os.environ:
@@ -135,10 +136,19 @@ class Prefect:
         self.procs.append(proc)
         return proc
 
-    def post(self, path: str, body: dict) -> list[dict]:
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=10)
+    def request(self, method: str, path: str, body: dict | None = None, tries: int = 8):
+        """One API call, retried like Prefect's own client on 429/502/503: a busy SQLite server
+        answers 503 while its database is locked."""
+        for attempt in range(tries):
+            r = httpx.request(method, f"{self.api}{path}", json=body, timeout=10)
+            if r.status_code not in RETRY_STATUS or attempt == tries - 1:
+                break
+            time.sleep(min(0.5 * 2**attempt, 8))
         r.raise_for_status()
         return r.json()
+
+    def post(self, path: str, body: dict) -> list[dict]:
+        return self.request("POST", path, body)
 
     def wait_for(self, what: str, check, timeout: float, proc: subprocess.Popen, log: Path) -> None:
         deadline = time.monotonic() + timeout
@@ -293,14 +303,15 @@ def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
     then ends Completed, continuing the run from its last checkpoint to a valid run directory."""
     t0 = time.monotonic()
     over = tiny_overrides("tiny", "train.steps=30", "train.checkpoint_every=5", "train.val_every=15")
-    dep = httpx.get(f"{prefect.api}/deployments/name/diffenc-train/{pf.DEPLOYMENT}", timeout=10).json()
-    first = httpx.post(f"{prefect.api}/deployments/{dep['id']}/create_flow_run",
-                       json={"parameters": {"overrides": over}}, timeout=10).json()
+    dep = prefect.request("GET", f"/deployments/name/diffenc-train/{pf.DEPLOYMENT}")
+    first = prefect.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"overrides": over}})
     run = prefect.runs / "tiny"
     last = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not last.is_file():
-        assert time.monotonic() < deadline, tail(prefect.root / "serve.log")
+        if time.monotonic() > deadline:
+            state = prefect.request("GET", f"/flow_runs/{first['id']}")["state_name"]
+            pytest.fail(f"no checkpoint after 120 s; flow run {state}:\n{tail(prefect.root / 'serve.log')}")
         time.sleep(0.05)
     pids = flow_run_pids(first["id"])
     assert pids, "the flow run's process was not found"
@@ -317,7 +328,7 @@ def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
     assert status["state"] == "done" and status["steps"] == 30 and status["resumed_from"] >= 5, status
     assert last.is_file() and (run / "history.parquet").is_file() and (run / "params.yaml").is_file()
     assert (prefect.data / "digits" / "manifest.json").is_file()  # prepared on demand
-    killed = httpx.get(f"{prefect.api}/flow_runs/{first['id']}", timeout=10).json()
+    killed = prefect.request("GET", f"/flow_runs/{first['id']}")
     assert killed["state_type"] != "COMPLETED", killed["state_type"]  # the killed run never completed
     fr = next(r for r in prefect.flow_runs("diffenc-train") if r["state_type"] == "COMPLETED")
     logs = prefect.logs(fr["id"])
