@@ -22,8 +22,6 @@ import streamlit as st
 from dashboard.settings import RUNS_DIR_ENV, STORAGE_ENV  # noqa: F401 (re-exported)
 from diffenc_core import runs
 
-POSTERIOR = "posterior.parquet"
-
 # session_state keys shared across pages
 K_RUNS_DIR = "runs_dir"
 K_COMPARE = "compare"  # list of run ids (paths relative to the runs folder) selected for comparison

@@ -2,7 +2,7 @@
 
 Reads ``checkpoints/best.pt`` (or ``last.pt``: ``eval.checkpoint``) and the test split; writes
 ``metrics.json``, ``recon.parquet``,
-``latents.parquet`` (and ``posterior.parquet`` for the toys with a known posterior) and
+``latents.parquet``, ``posterior.parquet`` (samples for the toys with a known posterior, else empty) and
 ``plots/*.png``. The model configuration comes from the checkpoint; ``eval`` from the caller.
 """
 
@@ -27,7 +27,7 @@ from diffenc_core.trainer import build_method, device_for
 from diffenc_core.vae import GaussianVAE
 
 Method = DiffusionEM | GaussianVAE
-POSTERIOR = "posterior.parquet"
+POSTERIOR_COLUMNS = {"x_index": "int64", "source": "str", "z0": "float32", "z1": "float32"}
 
 
 def load_method(run: runs.Run, eval_cfg: Config | None = None) -> tuple[Method, Config]:
@@ -166,14 +166,13 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
 
     # ground truth, where the data came from a known decoder
     truth = toy_from_manifest(test.manifest)
-    posterior_rows = None
+    posterior_rows = pd.DataFrame(columns=POSTERIOR_COLUMNS).astype(POSTERIOR_COLUMNS)
     if truth is not None:
         out.update(_ground_truth(method, truth, x, elbo, elbo_exact, cfg))
         posterior_rows = _posterior_table(method, truth, x[: min(4, n)], cfg)
 
     _write_tables(run, test, n, x, rec_amort, rec_ref, mse_a, mse_r, z_amort, z_mean, rate, ev.n_recon)
-    if posterior_rows is not None:
-        run.write_table(POSTERIOR, posterior_rows)
+    run.write_table(runs.POSTERIOR, posterior_rows)  # always written: a fixed DVC output
     _write_plots(run, test, x, rec_amort, rec_ref, z_mean, label, ev.n_recon, posterior_rows)
     out = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
     run.write_metrics(out)
@@ -261,7 +260,7 @@ def _write_plots(run, test, x, rec_a, rec_r, z_mean, label, n_recon, posterior_r
     hist = run.history()
     if hist is not None and len(hist):
         plots.training_curves(hist, run.plots_dir / "training.png")
-    if posterior_rows is not None:
+    if len(posterior_rows):
         sub = posterior_rows[posterior_rows["x_index"] == 0]
         plots.posterior_samples(sub[sub.source == "encoder"][["z0", "z1"]].to_numpy(),
                                 sub[sub.source == "exact"][["z0", "z1"]].to_numpy(),

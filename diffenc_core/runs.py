@@ -32,6 +32,7 @@ HISTORY = "history.parquet"
 METRICS = "metrics.json"
 RECON = "recon.parquet"
 LATENTS = "latents.parquet"
+POSTERIOR = "posterior.parquet"  # encoder vs exact posterior samples; empty without a known decoder
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
 

@@ -118,7 +118,7 @@ class Validation:
 
 def _fresh_run(run: runs.Run) -> None:
     """Clear what an earlier run of the same name left, so a new run starts from nothing."""
-    for name in (runs.HISTORY, runs.METRICS, runs.RECON, runs.LATENTS, "posterior.parquet"):
+    for name in (runs.HISTORY, runs.METRICS, runs.RECON, runs.LATENTS, runs.POSTERIOR):
         run.file(name).unlink(missing_ok=True)
     shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
     shutil.rmtree(run.plots_dir, ignore_errors=True)

@@ -110,10 +110,10 @@ for i, (rid, df) in enumerate(latents.items()):
 # -- toys with a known posterior: encoder samples vs exact samples
 posts = {}
 for rid in latents:
-    p, problems = common.read_table(rid, "posterior.parquet")
-    if p is not None and {"x_index", "source", "z0", "z1"} <= set(p.columns):
+    p, problems = common.read_table(rid, runs.POSTERIOR)
+    if p is not None and len(p) and {"x_index", "source", "z0", "z1"} <= set(p.columns):
         posts[rid] = p
-    elif p is None and problems and problems != ["posterior.parquet: missing"]:
+    elif p is None and problems and problems != [f"{runs.POSTERIOR}: missing"]:
         common.warn_problems(rid, problems)
 if posts:
     st.subheader("Posterior samples: encoder vs exact")
