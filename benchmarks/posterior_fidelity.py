@@ -33,9 +33,12 @@ from diffenc_core.sampling import ancestral
 from diffenc_core.schedule import LogSNRSchedule
 from diffenc_core.toys import Bimodal, LinearGaussian, std_normal_log_prob, toy_from_manifest
 
+# The bimodal toy trains without a base (model.encoder.base=none): a Gaussian head centred between
+# the modes leaves the diffusion a harder residual. Measured at 1200 EM steps (SMC E-step, 400-step
+# path bound, 200 x): gap mean/median 0.63/0.13 nats without a base vs 4.2/0.53 whitened at ~2x the time.
 TOYS = {
     "linear_gaussian": ["em.e_step=mala"],
-    "bimodal": ["em.e_step=smc"],
+    "bimodal": ["em.e_step=smc", "model.encoder.base=none"],
 }
 BUDGET = {"quick": 10.0, "full": 180.0}  # training seconds per encoder and toy
 
