@@ -211,22 +211,19 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 NOTES = [
-    "- Equal wall-clock and the learning-rate schedule: `trainer.lr_scale` runs the cosine over "
-    "`train.steps`, not over `train.time_budget_s`; a budget-aware schedule in `diffenc_core.trainer` "
-    "would let budgeted runs end at the schedule's floor.",
-    "- The diffusion encoder's E-step warm-up (`em.warmup_steps` = 200 steps of 60 MALA steps) is longer "
-    "than every budget used here on a loaded machine: the short runs never reach the steady EM regime. "
-    "The prototype's numbers (docs/method.md §9: digits ELBO 22 for the diffusion encoder at 150 s) need "
-    "several hundred steady steps.",
+    "- The diffusion encoder's E-step warm-up (`em.warmup_steps` = 200 steps of 60 MALA steps) costs about "
+    "twice a steady EM step. On sprites (32×32, conv networks) the 90 s budget buys fewer EM steps than the "
+    "warm-up: the sprites diffusion numbers are far from converged, a statement about cost more than quality.",
     "- The path bound with the exact score has a per-example standard deviation of a few nats, so its mean "
     "over 200 x carries ~0.15–0.3 nats of noise; the estimator table uses 10 draws per x.",
-    "- Digits has 1 437 training images: at 60 s the VAE makes ~6 000 steps (~550 epochs) and its held-out "
-    "ELBO falls for small β (overfitting; β=0.25 ELBO −46 vs +18.7 after 361 steps in an earlier run), so "
-    "its best held-out ELBO comes from β=4. No early stopping is applied to either method.",
+    "- Digits has 1 437 training images: in 60 s the VAE makes ~10 000 steps (~900 epochs) and overfits, "
+    "most at small β. Rate–distortion runs are validated ~20 times and evaluated at their best validation "
+    "checkpoint (early stopping, `eval.checkpoint: best`), so each method is scored at its best held-out "
+    "−ELBO within the budget.",
     "- `probe_accuracy` (from `evaluate`) fits and scores on halves of the test split (digits: 90 + 90 "
     "examples): ±0.05 noise.",
-    "- Timings on a shared machine: compare ratios measured in the same process (the `x_vae_step` column), "
-    "not absolute times across sections or profiles.",
+    "- Timings vary with the machine's load: compare ratios measured in the same process (the `x_vae_step` "
+    "column), not absolute times across sections or profiles.",
 ]
 
 
@@ -249,18 +246,18 @@ def write_report(walls: dict[str, float | None] | None = None) -> Path:
         "`make bench` runs the full profile (meant to take under an hour on 2 idle cores); `make bench-quick` the "
         "`--quick` profile (minutes). One benchmark alone: `python -m benchmarks.<name> [--quick]`.",
         "",
-        "**Read the timings with care.** These numbers were measured on a 2-core machine shared with other "
-        "jobs (the load average at the start and end of each benchmark is recorded below and in the JSON; a "
-        "load of 4–5 on 2 cores means each process got well under one core). Wall-clock budgets therefore buy "
-        "fewer training steps than on an idle machine, and all times are noisy (±30 % or worse). The "
+        "**Read the timings with care.** Each section records the machine's load average at the start and end "
+        "of its benchmark (also in the JSON): a load above the core count means processes shared the cores, so "
+        "wall-clock budgets bought fewer training steps than on an idle machine. Times are noisy (±30 % or "
+        "worse from run to run); ratios measured in the same process are the reliable numbers. The "
         "`--quick` profile trains for seconds: its quality numbers are smoke tests, not results — the "
         "diffusion encoder in particular gets only tens of EM steps, all inside its E-step warm-up.",
         "",
         "How runs are made equal: each run gets the same `train.time_budget_s` of training time (time spent "
         "in training steps; validation, checkpoints and evaluation are extra). `train.steps` comes from a "
-        "short calibration of the step cost, times a margin, so that the budget and not the step count ends "
-        "each run; the cosine learning-rate schedule is defined over `train.steps` and so ends early "
-        "(see the notes at the end).",
+        "short calibration of the step cost, times a margin (×3), so that the budget and not the step count "
+        "ends each run; the cosine learning-rate schedule follows whichever of the two ends the run first "
+        "(`trainer.lr_scale`), so budgeted runs still reach its floor.",
         "",
         "## Headlines",
         "",
