@@ -212,8 +212,9 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
 
 NOTES = [
     "- The diffusion encoder's E-step warm-up (`em.warmup_steps` = 200 steps of 60 MALA steps) costs about "
-    "twice a steady EM step. On sprites (32×32, conv networks) the 90 s budget buys fewer EM steps than the "
-    "warm-up: the sprites diffusion numbers are far from converged, a statement about cost more than quality.",
+    "twice a steady EM step. On sprites (16×16, conv encoders) the 90 s budget buys ~150 EM steps, fewer "
+    "than the warm-up: the sprites diffusion numbers are far from converged, a statement about cost more "
+    "than quality.",
     "- The path bound with the exact score has a per-example standard deviation of a few nats, so its mean "
     "over 200 x carries ~0.15–0.3 nats of noise; the estimator table uses 10 draws per x.",
     "- Digits has 1 437 training images: in 60 s the VAE makes ~10 000 steps (~900 epochs) and overfits, "
