@@ -336,6 +336,7 @@ def prepare(cfg: DataConfig) -> Path:
     complete, so an interrupted or failed prepare leaves the previous state untouched.
     """
     arrays = load_source(cfg)
+    rec = recipe(cfg)
     parts = split_indices(arrays.x.shape[0], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     target = cfg.prepared_dir
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +349,7 @@ def prepare(cfg: DataConfig) -> Path:
             hashes[f"{split}.parquet"] = _sha256(path)
         manifest = {
             "dataset": cfg.dataset,
-            "source": str(Path(cfg.path).resolve()) if cfg.dataset == "file" and cfg.path else cfg.dataset,
+            "source": rec["path"] if cfg.dataset == "file" else cfg.dataset,
             "seed": cfg.seed,
             "sizes": {k: int(len(v)) for k, v in parts.items()},
             "x_dim": int(arrays.x.shape[1]),
@@ -356,7 +357,7 @@ def prepare(cfg: DataConfig) -> Path:
             "has_label": arrays.label is not None,
             "factors": list(arrays.factors),
             "sha256": hashes,
-            "recipe": recipe(cfg),
+            "recipe": rec,
             **arrays.extra,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
