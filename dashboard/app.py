@@ -15,7 +15,7 @@ if str(_ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only das
 
 import streamlit as st  # noqa: E402
 
-from dashboard import common  # noqa: E402
+from dashboard import common, index  # noqa: E402
 
 st.set_page_config(page_title="diffenc dashboard", page_icon=":material/blur_on:", layout="wide")
 
@@ -39,15 +39,18 @@ with st.sidebar:
     if not root.is_dir():
         st.error(f"`{root}` is not a folder")
     ids = list(table["id"])
+    labels = common.run_labels(table)
     common.prune_compare(ids)
     st.multiselect(
-        "Runs to compare", options=ids, key=common.K_COMPARE, format_func=lambda r: common.run_label(r, table),
+        "Runs to compare", options=ids, key=common.K_COMPARE, format_func=lambda r: labels.get(r, r),
         help="shared by every page; also set by selecting rows on the Runs page", placeholder="choose runs",
     )
-    n_bad = int((table["health"] == "attention").sum()) if "health" in table else 0
-    st.caption(f"{len(table)} run(s) found" + (f" · {n_bad} need attention" if n_bad else ""))
-    if st.button("Reload runs", help="re-read the runs folder now (it is re-read every few seconds anyway)"):
-        st.cache_data.clear()
+    counts = table["health"].value_counts() if "health" in table else {}
+    notes = [f"{counts[h]} {what}" for h, what in ((index.ATTENTION, "need attention"),
+                                                   (index.NOT_EVALUATED, "not evaluated")) if counts.get(h)]
+    st.caption(" · ".join([f"{len(table)} run(s) found", *notes]))
+    if st.button("Reload runs", help="re-read every run now (changed runs are picked up by themselves anyway)"):
+        common.reload()
         st.rerun()
 
 nav.run()

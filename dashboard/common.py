@@ -2,7 +2,8 @@
 
 Everything here reads through ``diffenc_core.runs`` (the run-directory contract) and never
 raises on a broken run: unreadable files come back as ``None`` plus a list of problems that
-the pages show as warnings.
+the pages show as warnings. The runs table comes from ``dashboard.index`` (one per folder, shared
+by the server's sessions), which re-reads only the runs whose files changed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from dashboard import index
 from dashboard.settings import RUNS_DIR_ENV, STORAGE_ENV  # noqa: F401 (re-exported)
 from diffenc_core import runs
 
@@ -31,15 +32,9 @@ DEFAULT_METRICS = [
     "elbo_nats", "rate_nats", "distortion_nats", "mse_amortised", "mse_refined", "psnr_refined_db",
     "sync_gap_nats", "langevin_accept", "active_units", "aggregate_kl_to_prior_nats",
 ]
-KEY_PARAMS = {
-    "steps": ("train", "steps"),
-    "e_step": ("em", "e_step"),
-    "langevin_steps": ("em", "langevin_steps"),
-    "lr_encoder": ("train", "lr_encoder"),
-    "sampler": ("eval", "sampler"),
-    "seed": ("train", "seed"),
-}
-BASE_COLUMNS = ["id", "health", "state", "method", "dataset", "beta", "latent_dim"]
+KEY_PARAMS = index.KEY_PARAMS
+BASE_COLUMNS = index.BASE_COLUMNS
+MAX_INDEXES = 8  # runs folders whose index the server keeps (the sidebar can switch folders)
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#7f7f7f", "#bcbd22"]
 
@@ -57,13 +52,14 @@ def run_path(run_id: str, root: Path | None = None) -> Path:
     return (root or runs_root()) / run_id
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """A cache key that changes whenever the file does (mtime, size); None when absent."""
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """A cache key that changes whenever the file does (mtime, size, inode: an atomic replace is a new
+    inode); None when absent."""
     try:
         s = path.stat()
     except OSError:
         return None
-    return s.st_mtime_ns, s.st_size
+    return s.st_mtime_ns, s.st_size, s.st_ino
 
 
 # ------------------------------------------------------------------------------- the runs table
@@ -82,100 +78,47 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df.dropna(axis=1, how="all")
 
 
-def _dig(tree: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(tree, dict):
-            return None
-        tree = tree.get(k)
-    return tree
-
-
-STALE_MINUTES = 30
-
-
-def _quiet_minutes(run: runs.Run) -> float | None:
-    """Minutes since the run last wrote its status or history (None when neither exists)."""
-    stamps = [p.stat().st_mtime for p in (run.file(runs.STATUS), run.file(runs.HISTORY)) if p.exists()]
-    return (time.time() - max(stamps)) / 60 if stamps else None
-
-
 def build_runs_table(root: str | Path) -> pd.DataFrame:
-    """One row per run below ``root``; a run that cannot be read becomes a row with its problem."""
-    root = Path(root)
-    rows: list[dict[str, Any]] = []
-    for run in runs.find_runs(root):
-        try:
-            rid = run.path.relative_to(root).as_posix()
-        except ValueError:
-            rid = str(run.path)
-        try:
-            row = run.summary()
-            params = run.params()
-        except Exception as err:  # a run we cannot even summarise is still listed
-            row, params = {"run": str(run.path), "name": run.name, "state": "unknown"}, {}
-            run.problems.append(f"unreadable ({err.__class__.__name__}: {err})")
-        status = run.status()
-        row = {k: _scalar(v) for k, v in row.items() if not isinstance(v, list | dict)}
-        for col, keys in KEY_PARAMS.items():
-            row.setdefault(col, _scalar(_dig(params, *keys)))
-        if isinstance(status.get("steps"), int):
-            row["steps"] = status["steps"]
-        row["id"] = rid
-        problems = list(dict.fromkeys(run.problems))
-        state = row.get("state") or "unknown"
-        if not run.file(runs.STATUS).exists():
-            problems.append("status.json: missing")
-        if state == "done" and not run.file(runs.METRICS).exists():
-            problems.append("metrics.json: missing (not evaluated yet)")
-        if state == "running":
-            quiet = _quiet_minutes(run)
-            if quiet is not None and quiet > STALE_MINUTES:
-                problems.append(f"status says running but nothing was written for {quiet:.0f} min "
-                                "(killed or crashed?)")
-        if state == "failed":
-            problems.insert(0, f"failed: {row.get('error') or 'no error recorded'}")
-        row["problems"] = "; ".join(problems) or None
-        row["health"] = "attention" if problems else ("running" if state == "running" else "ok")
-        rows.append(row)
-    if not rows:
-        return pd.DataFrame(columns=[*BASE_COLUMNS, "problems"])
-    df = pd.DataFrame(rows)
-    for col in df.columns:  # a corrupt metrics.json may put text in a numeric column
-        if col in ("id", "run", "name", "method", "dataset", "state", "started", "finished", "error",
-                   "problems", "health", "e_step", "sampler"):
-            continue
-        num = pd.to_numeric(df[col], errors="coerce")
-        if num.notna().sum() >= df[col].notna().sum() * 0.5 and num.notna().any():
-            df[col] = num
-        else:
-            df[col] = df[col].astype("string")
-    for col in ("method", "dataset", "state", "e_step", "sampler"):
-        if col in df:
-            df[col] = df[col].astype("string")
-    first = [c for c in [*BASE_COLUMNS, *KEY_PARAMS] if c in df]
-    return df[first + [c for c in df.columns if c not in first]].sort_values("id").reset_index(drop=True)
+    """One row per run below ``root``, read afresh; a run that cannot be read becomes a row with its problem."""
+    return index.RunIndex(root).table()
 
 
-@st.cache_data(ttl=3, max_entries=8, show_spinner=False)
-def _cached_runs_table(root: str) -> pd.DataFrame:
-    return build_runs_table(root)
+@st.cache_resource(max_entries=MAX_INDEXES, show_spinner=False)
+def run_index(root: str) -> index.RunIndex:
+    """The server-wide index of one runs folder, shared by every session and page."""
+    return index.RunIndex(root)
 
 
 def runs_table() -> pd.DataFrame:
-    return _cached_runs_table(str(runs_root()))
+    """The runs table of the sidebar's folder: only runs whose files changed since the last call are re-read."""
+    return run_index(str(runs_root())).table()
+
+
+def reload() -> None:
+    """Forget everything read so far (the "Reload runs" button)."""
+    st.cache_data.clear()
+    run_index.clear()
+
+
+def run_labels(table: pd.DataFrame) -> dict[str, str]:
+    """``id (method, dataset, β)`` for every run of ``table``, for pickers over many runs."""
+    n = len(table)
+
+    def col(name: str) -> list[Any]:
+        return list(table[name]) if name in table else [None] * n
+
+    out = {}
+    for rid, method, dataset, beta in zip(table["id"], col("method"), col("dataset"), col("beta"), strict=True):
+        bits = [str(v) for v in (method, dataset) if isinstance(v, str)]
+        if isinstance(beta, int | float) and not (isinstance(beta, float) and math.isnan(beta)):
+            bits.append(f"β={beta:g}")
+        out[rid] = f"{rid} ({', '.join(bits)})" if bits else rid
+    return out
 
 
 def run_label(run_id: str, table: pd.DataFrame | None = None) -> str:
     table = runs_table() if table is None else table
-    row = table[table["id"] == run_id]
-    if row.empty:
-        return run_id
-    r = row.iloc[0]
-    bits = [str(v) for v in (r.get("method"), r.get("dataset")) if isinstance(v, str)]
-    beta = r.get("beta")
-    if isinstance(beta, int | float) and not (isinstance(beta, float) and math.isnan(beta)):
-        bits.append(f"β={beta:g}")
-    return f"{run_id} ({', '.join(bits)})" if bits else run_id
+    return run_labels(table[table["id"] == run_id]).get(run_id, run_id)
 
 
 # ----------------------------------------------------------------------------- per-run reading
@@ -231,7 +174,8 @@ def plot_files(run_id: str) -> list[Path]:
 def prune_compare(valid_ids: list[str]) -> None:
     """Drop selected runs that no longer exist (call before the selection widget is drawn)."""
     cur = st.session_state.get(K_COMPARE) or []
-    st.session_state[K_COMPARE] = [r for r in cur if r in set(valid_ids)]
+    valid = set(valid_ids)
+    st.session_state[K_COMPARE] = [r for r in cur if r in valid]
 
 
 def page_runs(title: str) -> tuple[pd.DataFrame, list[str]]:
@@ -248,10 +192,11 @@ def page_runs(title: str) -> tuple[pd.DataFrame, list[str]]:
 def selected_runs(table: pd.DataFrame | None = None, fallback: int = 3) -> list[str]:
     """The runs chosen for comparison; with none chosen, the latest few finished runs (and say so)."""
     table = runs_table() if table is None else table
-    chosen = [r for r in st.session_state.get(K_COMPARE) or [] if r in set(table["id"])]
+    known = set(table["id"])
+    chosen = [r for r in st.session_state.get(K_COMPARE) or [] if r in known]
     if chosen or table.empty:
         return chosen
-    ok = table[(table["state"] == "done") & table["problems"].isna()]
+    ok = table[table["health"] == index.OK] if "health" in table else table.iloc[:0]
     if "finished" in ok:
         ok = ok.sort_values("finished", ascending=False, na_position="last")
     pick = list(ok["id"][:fallback])
@@ -285,3 +230,22 @@ def guard(what: str) -> Iterator[None]:
 def warn_problems(run_id: str, problems: list[str], what: str = "") -> None:
     for p in dict.fromkeys(problems):
         st.warning(f"**{run_id}**{' ' + what if what else ''}: {p}", icon=":material/warning:")
+
+
+MISSING = ": missing"  # how diffenc_core.runs and this module word an absent file
+EMPTY = ": empty"  # a table with no rows yet (a run that has just started)
+NEUTRAL = {index.NOT_EVALUATED, index.RUNNING, index.INTERRUPTED}  # health with nothing wrong to warn about
+
+
+def explain_missing(run_id: str, problems: list[str], what: str, table: pd.DataFrame) -> None:
+    """Say why a compared run has nothing to show: a neutral note when it is simply not evaluated yet
+    (or still running, or interrupted) and its files are just absent; a warning when a file is broken."""
+    row = table[table["id"] == run_id]
+    health = str(row["health"].iloc[0]) if len(row) and "health" in row else None
+    state = str(row["state"].iloc[0]) if len(row) and "state" in row else read_status(run_id).get("state", "unknown")
+    if health in NEUTRAL and all(p.endswith((MISSING, EMPTY)) for p in problems):
+        why = {index.NOT_EVALUATED: "not evaluated yet", index.RUNNING: "still running",
+               index.INTERRUPTED: "interrupted"}[health]
+        st.info(f"**{run_id}** — {what}: {why}", icon=":material/hourglass_empty:")
+        return
+    warn_problems(run_id, problems, f"({state}) — {what}")

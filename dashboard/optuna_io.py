@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,17 @@ def _is_journal(path: Path) -> bool:
         return False
 
 
-def discover(runs_dir: str | Path, limit: int = 50) -> list[str]:
-    """Optuna storages (SQLite files, journal files) inside the runs folder, as normalised specs."""
+def discover(runs_dir: str | Path, limit: int = 50, candidates: Iterable[str | Path] | None = None) -> list[str]:
+    """Optuna storages (SQLite files, journal files) inside the runs folder, as normalised specs.
+
+    ``candidates`` (e.g. the files the run index saw) spares walking the whole folder again.
+    """
     root = Path(runs_dir)
     if not root.is_dir():
         return []
+    paths = sorted(root.rglob("*")) if candidates is None else sorted(Path(c) for c in candidates)
     found: list[str] = []
-    for p in sorted(root.rglob("*")):
+    for p in paths:
         if len(found) >= limit:
             break
         if "checkpoints" in p.parts or not p.is_file():

@@ -171,11 +171,16 @@ class Run:
         if not p.exists():
             return {}
         try:
-            tree = yaml.safe_load(p.read_text())
-            return tree if isinstance(tree, dict) else {}
+            tree = yaml.load(p.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except Exception as err:
             self.problems.append(f"{PARAMS}: unreadable ({err.__class__.__name__})")
             return {}
+        if tree is None:
+            return {}
+        if not isinstance(tree, dict):
+            self.problems.append(f"{PARAMS}: not a mapping ({type(tree).__name__})")
+            return {}
+        return tree
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
         p = self.file(name)
@@ -207,7 +212,7 @@ class Run:
             "error": status.get("error"),
         }
         row.update(self.metrics())
-        if not params:
+        if not self.file(PARAMS).exists():
             self.problems.append(f"{PARAMS}: missing")
         row["problems"] = "; ".join(self.problems) or None
         return row

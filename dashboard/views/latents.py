@@ -18,8 +18,9 @@ for rid in chosen:
     metrics[rid], mprob = common.read_metrics(rid)
     df, problems = common.read_table(rid, runs.LATENTS)
     if df is None or not figures.latent_columns(df):
-        state = common.read_status(rid).get("state", "unknown")
-        common.warn_problems(rid, (problems or ["no latents.parquet"]) + mprob, f"({state}) — no latents")
+        if df is not None:
+            problems = [*problems, f"{runs.LATENTS}: no latent columns (z0, z1, …)"]
+        common.explain_missing(rid, (problems or [f"{runs.LATENTS}{common.MISSING}"]) + mprob, "no latents", table)
         continue
     latents[rid] = df
     if mprob:

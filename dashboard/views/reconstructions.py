@@ -18,8 +18,7 @@ NEEDED = {"index", "x", "recon_amortised", "recon_refined", "height", "width"}
 for rid in chosen:
     df, problems = common.read_table(rid, runs.RECON)
     if df is None:
-        state = common.read_status(rid).get("state", "unknown")
-        common.warn_problems(rid, problems or ["no recon.parquet"], f"({state}) — no reconstructions")
+        common.explain_missing(rid, problems or [f"{runs.RECON}{common.MISSING}"], "no reconstructions", table)
         continue
     missing = NEEDED - set(df.columns)
     if missing or df.empty:

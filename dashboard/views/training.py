@@ -21,7 +21,7 @@ def _histories(warn: bool = True) -> tuple[dict, dict[str, str]]:
         states[rid] = common.read_status(rid).get("state", "unknown")
         h, problems = common.read_table(rid, runs.HISTORY)
         if (h is None or h.empty) and warn:
-            common.warn_problems(rid, problems or ["history.parquet: empty"], f"({states[rid]}) — no history")
+            common.explain_missing(rid, problems or [f"{runs.HISTORY}{common.EMPTY}"], "no history", table)
         if h is not None and not h.empty:
             out[rid] = h
     return out, states

@@ -15,8 +15,8 @@ table = common.runs_table()
 
 
 @st.cache_data(ttl=10, show_spinner=False)
-def _discover(runs_dir: str) -> list[str]:
-    return optuna_io.discover(runs_dir)
+def _discover(runs_dir: str, candidates: tuple[str, ...]) -> list[str]:
+    return optuna_io.discover(runs_dir, candidates=candidates)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -28,7 +28,7 @@ specs: list[str] = []
 env = os.environ.get(common.STORAGE_ENV)
 if env:
     specs.append(optuna_io.normalise(env))
-specs += [s for s in _discover(str(root)) if s not in specs]
+specs += [s for s in _discover(str(root), common.run_index(str(root)).storages()) if s not in specs]
 c1, c2 = st.columns([2, 2])
 other = c2.text_input("…or another storage", placeholder="sqlite:///path/study.db, postgresql://…, or a journal file",
                       help="a storage URL, an SQLite file or a JournalFileBackend log file")
