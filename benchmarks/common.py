@@ -105,7 +105,7 @@ class Workspace:
     def train_and_evaluate(self, *sets: str, progress: bool = False) -> dict[str, Any]:
         cfg = self.config(*sets)
         t0 = time.perf_counter()
-        run = trainer.train(cfg, progress=progress)
+        run = trainer.train(cfg, "overwrite", progress=progress)  # a measurement always trains afresh
         t1 = time.perf_counter()
         out = evaluate.evaluate(cfg, run)
         out["train_seconds"] = run.status().get("elapsed_s")

@@ -97,7 +97,7 @@ def sampling(ws: Workspace, budget: float, step_counts: list[int], reps: int) ->
         steps = ws.steps_for_budget(budget, *sets)
         cfg = ws.config(*sets, f"train.steps={steps}", f"train.time_budget_s={budget}",
                         f"train.val_every={steps}", f"train.checkpoint_every={steps}")
-        run = trainer.train(cfg, progress=False)
+        run = trainer.train(cfg, "overwrite", progress=False)  # a measurement always trains afresh
         trained[method] = (evaluate.load_method(run, cfg)[0], run.status().get("steps"))
     test = data.load_split(ws.config(*DIGITS).data.prepared_dir, "test")
     x = test.x

@@ -7,6 +7,7 @@ chains and step sizes, and the resolved configuration. It is loaded with ``weigh
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,18 @@ def all_finite(obj: Any) -> bool:
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (plus format marker) to ``path`` atomically; refuse non-finite values."""
+    """Write ``payload`` (plus format marker) to ``path`` atomically; refuse non-finite values.
+
+    Serialised in memory first, so a full disk is an OSError on the plain write (a StorageError
+    naming the file, the previous checkpoint intact), not torch's cryptic zip-writer error.
+    """
     if not all_finite(payload):
         raise CheckpointError(f"{path}: refusing to write a checkpoint with NaN or infinite values")
     body = {"format": FORMAT, "version": VERSION, **payload}
+    buffer = io.BytesIO()
+    torch.save(body, buffer)
     with atomic_path(path) as tmp:
-        torch.save(body, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -7,11 +7,12 @@ wrong types and out-of-range values are rejected with a message that names the k
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffenc_core.errors import ConfigError
 
@@ -20,6 +21,28 @@ Fraction = Field(gt=0.0, lt=1.0)
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+NAME_MAX = 255  # bytes in one folder name on common file systems
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def check_name(value: str | None) -> str | None:
+    """A run name is one folder name directly under ``train.runs_dir``: no path separators, no
+    leading dot (``.``, ``..``, hidden folders), no control characters, nothing empty."""
+    if value is None:
+        return None
+    if not value.strip() or value.startswith(".") or _UNSAFE_NAME.search(value) or len(value.encode()) > NAME_MAX:
+        raise ValueError("must be one folder name under train.runs_dir, e.g. 'vae-b0.5' "
+                         "(no '/', '\\', '..' or leading '.')")
+    return value
+
+
+def check_folder(value: str | None) -> str | None:
+    """A folder or file path: anything but empty or holding a NUL byte."""
+    if value is not None and (not value.strip() or "\x00" in value):
+        raise ValueError("must be a non-empty path")
+    return value
 
 
 # --------------------------------------------------------------------------------------- data
@@ -60,6 +83,8 @@ class DataConfig(_Section):
     bimodal: BimodalConfig = Field(default_factory=BimodalConfig)
     linear_gaussian: LinearGaussianConfig = Field(default_factory=LinearGaussianConfig)
 
+    _paths = field_validator("root", "path")(check_folder)
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
@@ -99,8 +124,8 @@ class EncoderConfig(_Section):
     """The conditional epsilon-network of the diffusion encoder (docs/method.md §4)."""
 
     base: Literal["gaussian", "whitened", "none"] = "whitened"
-    hidden: int = Field(256, ge=1)
-    blocks: int = Field(3, ge=1)
+    hidden: int = Field(128, ge=1)
+    blocks: int = Field(2, ge=1)
     time_embed_dim: int = Field(64, ge=2)
     x_embed_dim: int = Field(128, ge=1)
     logsnr_min: float = -8.0
@@ -150,9 +175,16 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     val_every: int = Field(500, ge=1)
+    # a finished VAE run (a name under runs_dir) whose decoder and encoder seed the diffusion
+    # encoder's decoder and Gaussian head; replaces the run's own VAE phase (em.vae_steps)
+    warm_start: str | None = None
+
+    _names = field_validator("run", "warm_start")(check_name)
+    _folder = field_validator("runs_dir")(check_folder)
 
     @property
     def run_name(self) -> str:
+        """``run``, or the method when unset (``runs/diffusion``, ``runs/vae``: the DVC runs)."""
         return self.run or self.method
 
 
@@ -169,7 +201,7 @@ class EMConfig(_Section):
     """The alternating E-step / encoder / M-step schedule (docs/method.md §3)."""
 
     e_step: Literal["mala", "ula", "smc"] = "mala"
-    langevin_steps: int = Field(20, ge=0)
+    langevin_steps: int = Field(10, ge=0)
     step_size: float = Field(0.01, gt=0.0)
     step_size_max: float = Field(1.0, gt=0.0)
     target_accept: float = Field(0.574, gt=0.0, lt=1.0)
@@ -177,12 +209,25 @@ class EMConfig(_Section):
     alignment: float = Field(0.0, ge=0.0)
     persistent: bool = True
     init_sampler_steps: int = Field(10, ge=1)
-    encoder_updates: int = Field(2, ge=1)
+    encoder_updates: int = Field(8, ge=1)
+    # encoder updates after the first train on (x, z*) pairs drawn from every example's persistent
+    # chain (each chain's latest E-step sample), not the same mini-batch again
+    replay_chains: bool = True
     decoder_updates: int = Field(1, ge=1)
-    warmup_steps: int = Field(200, ge=0)
+    warmup_steps: int = Field(20, ge=0)
     warmup_langevin_steps: int = Field(60, ge=0)
     max_retries: int = Field(3, ge=0)
     smc: SMCConfig = Field(default_factory=SMCConfig)
+    # the schedule that keeps the decoder encodable (docs/method.md §10): a diffusion run first
+    # trains its Gaussian head and decoder as a Gaussian VAE for vae_steps, then train.steps of EM
+    # (0 = the paper's EM from scratch; skipped when train.warm_start names a VAE run, and with
+    # model.encoder.base none, which has no Gaussian head to train)
+    vae_steps: int = Field(2000, ge=0)
+    # the M-step's latents: frozen (no decoder update), zstar (the paper's, on the E-step's z*),
+    # encoder (the ELBO's decoder gradient, z ~ q_phi(z|x)), head (z from the Gaussian head)
+    m_step: Literal["frozen", "zstar", "encoder", "head"] = "frozen"
+    # the Gaussian head: nll (fitted to z*, forward KL) or elbo (the reparameterised ELBO)
+    head_loss: Literal["nll", "elbo"] = "nll"
 
     @model_validator(mode="after")
     def _check(self) -> EMConfig:
@@ -196,8 +241,12 @@ class EvalConfig(_Section):
     """What an evaluation computes (docs/method.md §8)."""
 
     checkpoint: Literal["best", "last"] = "best"
-    sampler: Literal["dpmpp2m", "ddim", "ancestral"] = "dpmpp2m"
-    sampler_steps: int = Field(10, ge=1)
+    # the amortised encoding (reconstructions, latents, its cost): sampler and steps
+    sampler: Literal["dpmpp2m", "ddim", "ancestral"] = "ancestral"
+    sampler_steps: int = Field(2, ge=1)
+    # the exact log q (ELBO and IWAE) needs a deterministic flow: these steps of it (DPM++, or DDIM
+    # when that is the sampler); the path-bound ELBO uses rate_steps of the ancestral sampler
+    logq_steps: int = Field(10, ge=1)
     rate_steps: int = Field(100, ge=1)
     refine_steps: int = Field(20, ge=0)
     iwae_k: int = Field(32, ge=1)
@@ -207,6 +256,20 @@ class EvalConfig(_Section):
     exact_logq_max_dim: int = Field(8, ge=0)
     batch_size: int = Field(250, ge=1)
     active_unit_threshold: float = Field(0.01, gt=0.0)
+    # log p(x) by AIS / tempered SMC from the prior, on the first ais_n test x (0 = skip); a second,
+    # shorter ladder on the same x shows how stable the estimate is (docs/method.md §10)
+    ais_n: int = Field(200, ge=0)
+    ais_temperatures: int = Field(400, ge=2)
+    ais_check_temperatures: int = Field(100, ge=0)
+    ais_particles: int = Field(16, ge=1)
+    ais_moves: int = Field(2, ge=1)
+    ais_step_size: float = Field(0.05, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.ais_check_temperatures >= self.ais_temperatures:
+            raise ValueError("ais_check_temperatures must be below ais_temperatures (0 skips the check)")
+        return self
 
 
 # --------------------------------------------------------------------------------------- tune
@@ -277,6 +340,36 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
+    def _check_schedule(self) -> Config:
+        if self.train.method != "diffusion" or self.model.encoder.base != "none":
+            return self
+        uses_head = {
+            "train.warm_start": self.train.warm_start is not None,
+            "em.head_loss 'elbo'": self.em.head_loss == "elbo",
+            "em.m_step 'head'": self.em.m_step == "head",
+        }
+        if any(uses_head.values()):
+            used = ", ".join(k for k, v in uses_head.items() if v)
+            raise ValueError(
+                f"model.encoder.base 'none' has no Gaussian head, which {used} needs: "
+                "use base 'whitened' or 'gaussian'"
+            )
+        return self
+
+    @property
+    def vae_phase_steps(self) -> int:
+        """Steps of a diffusion run's own VAE phase: none for the VAE, from a VAE run
+        (``train.warm_start``), or without a Gaussian head to train (``model.encoder.base: none``)."""
+        if self.train.method != "diffusion" or self.train.warm_start is not None:
+            return 0
+        return 0 if self.model.encoder.base == "none" else self.em.vae_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Every step a run takes: its VAE phase, then ``train.steps`` of its own method."""
+        return self.vae_phase_steps + self.train.steps
+
+    @model_validator(mode="after")
     def _check_space(self) -> Config:
         for key in self.tune.space:
             try:
@@ -309,20 +402,25 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str, set_keys: tuple[str, ...] = ()) -> str:
+    """One line per problem, naming where the bad value came from: ``--set key`` for a value a
+    ``--set`` gave (or lies under), else ``source`` (the params file)."""
     lines = []
     known = _known_keys(Config)
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        owner = next((k for k in set_keys if key and (key == k or key.startswith(k + "."))), None)
+        where = f"--set {owner}" if owner else source
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(f"{source}: unknown key '{key}'{hint}")
+            lines.append(f"{where}: unknown key '{key}'{hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {key or 'config'}: {msg}{shown}")
+            named = "" if key == owner else f"{key or 'config'}: "
+            lines.append(f"{where}: {named}{msg}{shown}")
     return "\n".join(lines)
 
 
@@ -356,12 +454,13 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def from_dict(tree: dict[str, Any], source: str = "config") -> Config:
-    """Validate a nested dict; a bad key or value raises ConfigError naming it."""
+def from_dict(tree: dict[str, Any], source: str = "config", set_keys: tuple[str, ...] = ()) -> Config:
+    """Validate a nested dict; a bad key or value raises ConfigError naming it (and the ``--set``
+    it came from, for the dotted ``set_keys``)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, source, set_keys)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -388,7 +487,7 @@ def load(
     sets = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     for key, value in sets.items():
         _set_dotted(tree, key, value, f"--set {key}")
-    return from_dict(tree, source)
+    return from_dict(tree, source, tuple(sets))
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
@@ -399,9 +498,22 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return from_dict(tree)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes null as an empty value (``path:``), exactly as ``dvc exp run -S`` rewrites params.yaml,
+    so a DVC round trip leaves the file unchanged; every YAML reader reads it back as null."""
+
+
+_Dumper.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", ""))
+
+
+def to_yaml(tree: dict[str, Any]) -> str:
+    """A params tree as YAML in the layout DVC keeps (key order as given, nulls empty)."""
+    return yaml.dump(tree, Dumper=_Dumper, sort_keys=False)
+
+
 def dump(cfg: Config, path: str | Path | None = None) -> str:
     """The fully resolved configuration as YAML (written to ``path`` if given, atomically)."""
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = to_yaml(cfg.to_dict())
     if path is not None:
         from diffenc_core.runs import atomic_write_text
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from diffenc_core.config import DataConfig
-from diffenc_core.errors import DataError
+from diffenc_core.errors import DataError, writing
 from diffenc_core.toys import Bimodal, LinearGaussian
 
 SPLITS = ("train", "val", "test")
@@ -173,7 +173,8 @@ def _from_array(x: np.ndarray, label: np.ndarray | None, where: str) -> Arrays:
     if label is not None:
         label = np.asarray(label)
         if label.shape != (x.shape[0],) or not np.issubdtype(label.dtype, np.integer):
-            raise DataError(f"{where}: labels must be integers, one per row ({x.shape[0]}), got {label.shape}")
+            raise DataError(f"{where}: labels must be integers, one per row ({x.shape[0]}), "
+                            f"got dtype {label.dtype} with shape {label.shape}")
     return Arrays(x=x.reshape(x.shape[0], -1), label=label, image_shape=shape)
 
 
@@ -198,7 +199,7 @@ def _read_parquet_file(path: Path) -> Arrays:
             raise DataError(f"{path}: no feature columns")
         x = df.to_numpy()
     if label is not None and (pd.isna(label).any() or not np.issubdtype(np.asarray(label).dtype, np.integer)):
-        raise DataError(f"{path}: column '{LABEL}' must hold integers without gaps")
+        raise DataError(f"{path}: column '{LABEL}' must hold integers without gaps, got dtype {label.dtype}")
     return _from_array(x, label, str(path))
 
 
@@ -339,38 +340,39 @@ def prepare(cfg: DataConfig) -> Path:
     rec = recipe(cfg)
     parts = split_indices(arrays.x.shape[0], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     target = cfg.prepared_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        hashes = {}
-        for split, idx in parts.items():
-            path = tmp / f"{split}.parquet"
-            pq.write_table(to_table(arrays, idx), path)
-            hashes[f"{split}.parquet"] = _sha256(path)
-        manifest = {
-            "dataset": cfg.dataset,
-            "source": rec["path"] if cfg.dataset == "file" else cfg.dataset,
-            "seed": cfg.seed,
-            "sizes": {k: int(len(v)) for k, v in parts.items()},
-            "x_dim": int(arrays.x.shape[1]),
-            "image_shape": list(arrays.image_shape) if arrays.image_shape else None,
-            "has_label": arrays.label is not None,
-            "factors": list(arrays.factors),
-            "sha256": hashes,
-            "recipe": rec,
-            **arrays.extra,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(target, "check data.root"):  # a read-only or full disk: one line, nothing replaced
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            hashes = {}
+            for split, idx in parts.items():
+                path = tmp / f"{split}.parquet"
+                pq.write_table(to_table(arrays, idx), path)
+                hashes[f"{split}.parquet"] = _sha256(path)
+            manifest = {
+                "dataset": cfg.dataset,
+                "source": rec["path"] if cfg.dataset == "file" else cfg.dataset,
+                "seed": cfg.seed,
+                "sizes": {k: int(len(v)) for k, v in parts.items()},
+                "x_dim": int(arrays.x.shape[1]),
+                "image_shape": list(arrays.image_shape) if arrays.image_shape else None,
+                "has_label": arrays.label is not None,
+                "factors": list(arrays.factors),
+                "sha256": hashes,
+                "recipe": rec,
+                **arrays.extra,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

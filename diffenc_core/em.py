@@ -1,16 +1,23 @@
-"""The alternating trainer of the diffusion encoder (docs/method.md §3).
+"""The alternating trainer of the diffusion encoder (docs/method.md §3, §10).
 
-Per mini-batch: an E-step (encoder sample or persistent chain, refined by MALA on the
+A diffusion run has two phases. The first ``em.vae_steps`` train the encoder's Gaussian head and
+the decoder together as a Gaussian VAE (the reparameterised ELBO), so EM starts from a decoder
+that a Gaussian already encodes well (or they come from a VAE run: ``train.warm_start``). Then,
+per mini-batch: an E-step (encoder sample or persistent chain, refined by MALA on the
 beta-tempered energy with the alignment term; optionally a tempered-SMC start that moves mass
-between modes), then ``encoder_updates`` steps of the plain denoising loss on ``(x, z*)``, then
-``decoder_updates`` M-steps on ``-log p(x|z*)``. Persistent chains and per-example step sizes are
-kept for every training example and saved with the checkpoint.
+between modes), ``encoder_updates`` steps of the plain denoising loss on ``(x, z*)`` (the head
+fitted by the Gaussian NLL of ``z*`` or by the ELBO), then ``decoder_updates`` M-steps whose
+latents ``em.m_step`` chooses: none (``frozen``), the paper's ``z*``, or the encoder's own samples
+(the ELBO's decoder gradient, no backpropagation through the sampler). Persistent chains and
+per-example step sizes are kept for every training example and saved with the checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +28,21 @@ from diffenc_core.encoder import DiffusionEncoder
 from diffenc_core.langevin import e_step
 from diffenc_core.networks import build_decoder
 from diffenc_core.smc import tempered_smc
+from diffenc_core.vae import gaussian_kl
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` that require grad are frozen inside the block (gradients flow
+    through it to its inputs, none accumulate in it), then restored."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class DiffusionEM(nn.Module):
@@ -40,8 +62,10 @@ class DiffusionEM(nn.Module):
         self.cfg = cfg
         self.em = cfg.em
         self.beta = cfg.train.beta
+        self.vae_steps = cfg.vae_phase_steps
         self.grad_clip = cfg.train.grad_clip
-        self.encoder = DiffusionEncoder.from_config(cfg.model, x_dim, image_shape)
+        # with a VAE phase the head and decoder start as the VAE baseline's encoder and decoder do
+        self.encoder = DiffusionEncoder.from_config(cfg.model, x_dim, image_shape, zero_head=self.vae_steps == 0)
         self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape)
         d = cfg.model.latent_dim
         self.register_buffer("chains", torch.zeros(n_train, d))
@@ -54,6 +78,24 @@ class DiffusionEM(nn.Module):
         self.ema: DiffusionEncoder | None = None
         if cfg.train.ema > 0:
             self.ema = copy.deepcopy(self.encoder).requires_grad_(False)
+
+    def attach_data(self, x_train: Tensor) -> None:
+        """The training examples the chains belong to (row ``i`` of ``x_train`` owns chain ``i``):
+        chain replay draws encoder pairs from them."""
+        if x_train.shape[0] != self.chains.shape[0]:
+            raise ValueError(f"{x_train.shape[0]} training examples for {self.chains.shape[0]} chains")
+        self.x_train = x_train
+
+    def replay_batch(self, size: int) -> tuple[Tensor, Tensor] | None:
+        """``size`` random ``(x, z*)`` pairs from the examples that have a chain, or None."""
+        x_train = getattr(self, "x_train", None)
+        if x_train is None or not (self.em.replay_chains and self.em.persistent):
+            return None
+        ready = self.has_chain.nonzero().squeeze(-1)
+        if ready.numel() == 0:
+            return None
+        pick = ready[torch.randint(0, ready.numel(), (size,), device=ready.device)]
+        return x_train[pick], self.chains[pick]
 
     # ------------------------------------------------------------------------------ E-step
     def initial_latents(self, idx: Tensor, x: Tensor) -> Tensor:
@@ -69,10 +111,7 @@ class DiffusionEM(nn.Module):
     def e_step(self, step: int, idx: Tensor, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         em = self.em
         stats: dict[str, float] = {}
-        frozen = [p for p in self.decoder.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
+        with frozen(self.decoder):
             if em.e_step == "smc":
                 smc = tempered_smc(
                     self.decoder.log_prob,
@@ -89,7 +128,8 @@ class DiffusionEM(nn.Module):
                 stats["ess"] = smc.ess.mean().item()
             else:
                 z0 = self.initial_latents(idx, x)
-            steps = em.warmup_langevin_steps if step < em.warmup_steps else em.langevin_steps
+            em_step = step - self.vae_steps
+            steps = em.warmup_langevin_steps if em_step < em.warmup_steps else em.langevin_steps
             res = e_step(
                 self.decoder.log_prob,
                 x,
@@ -105,9 +145,6 @@ class DiffusionEM(nn.Module):
                 adapt_rate=em.adapt_rate,
                 step_max=em.step_size_max,
             )
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
         self.chains[idx] = res.z
         self.has_chain[idx] = True
         self.log_step[idx] = res.log_step
@@ -129,17 +166,92 @@ class DiffusionEM(nn.Module):
             nn.utils.clip_grad_norm_(params, self.grad_clip)
         opt.step()
 
+    def in_vae_phase(self, step: int) -> bool:
+        return step < self.vae_steps
+
+    def phase_bounds(self, step: int, total: int) -> tuple[int, int]:
+        """``[start, end)`` of the phase ``step`` is in: the learning-rate schedule restarts per phase."""
+        return (0, self.vae_steps) if self.in_vae_phase(step) else (self.vae_steps, total)
+
     def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
-        """One E / encoder / M round on a mini-batch; returns scalars for the history."""
+        """One training step on a mini-batch; returns scalars for the history."""
+        if self.in_vae_phase(step):
+            return self.vae_step(x)
+        if step == self.vae_steps and step > 0:
+            self.start_em()
+        return self.em_step(step, idx, x)
+
+    def vae_step(self, x: Tensor) -> dict[str, float]:
+        """The VAE phase: head and decoder by the reparameterised ELBO, exactly the baseline's loss."""
+        head = self.encoder.head
+        assert head is not None, "config validation guarantees a head for the VAE phase"
+        mu, log_std = head(x)
+        z = mu + log_std.exp() * torch.randn_like(mu)
+        rec = -self.decoder.log_prob(x, z)
+        kl = gaussian_kl(mu, log_std)
+        loss = (rec + self.beta * kl).mean()
+        opts = self.optimizers()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_([*head.parameters(), *self.decoder.parameters()], self.grad_clip)
+        for opt in opts:
+            opt.step()
+        return {"loss_vae": loss.item(), "recon_nll": rec.mean().item(), "rate": kl.mean().item(),
+                "sigma_x": self.decoder.sigma().item()}
+
+    def start_em(self) -> None:
+        """The switch from the VAE phase to EM: fresh optimiser moments for the new losses, and the
+        EMA (if any) starts from the warm encoder."""
+        for opt in self.optimizers():
+            opt.state.clear()
+        if self.ema is not None:
+            self.ema.load_state_dict(self.encoder.state_dict())
+
+    def warm_start(self, decoder_state: dict[str, Tensor], head_state: dict[str, Tensor]) -> None:
+        """Seed the decoder and the Gaussian head from a trained VAE (its decoder and encoder)."""
+        assert self.encoder.head is not None, "config validation guarantees a head to seed"
+        self.decoder.load_state_dict(decoder_state)
+        self.encoder.head.load_state_dict(head_state)
+        if self.ema is not None:
+            self.ema.load_state_dict(self.encoder.state_dict())
+
+    def encoder_loss(self, x: Tensor, z_star: Tensor) -> Tensor:
+        """Denoising on ``(x, z*)``; the head by the NLL of ``z*`` or by the reparameterised ELBO."""
+        if self.em.head_loss == "nll":
+            return self.encoder.loss(x, z_star)
+        head = self.encoder.head
+        assert head is not None
+        mu, log_std = head(x)
+        z = mu + log_std.exp() * torch.randn_like(mu)
+        with frozen(self.decoder):  # the decoder learns only in the M-step
+            elbo_loss = (-self.decoder.log_prob(x, z) + self.beta * gaussian_kl(mu, log_std)).mean()
+        return self.encoder.loss(x, z_star, fit_head=False) + elbo_loss
+
+    def m_step_latents(self, x: Tensor, z_star: Tensor) -> Tensor:
+        """The latents the decoder is fitted to (``em.m_step``), all without gradient."""
+        if self.em.m_step == "zstar":
+            return z_star
+        if self.em.m_step == "encoder":
+            return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="dpmpp2m")
+        with torch.no_grad():  # "head"
+            mu, log_std = self.encoder._head(x)
+            return mu + log_std.exp() * torch.randn_like(mu)
+
+    def em_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
+        """One E / encoder / M round on a mini-batch."""
         z_star, stats = self.e_step(step, idx, x)
-        for _ in range(self.em.encoder_updates):
-            loss_enc = self.encoder.loss(x, z_star)
+        for i in range(self.em.encoder_updates):
+            pairs = self.replay_batch(x.shape[0]) if i > 0 else None
+            loss_enc = self.encoder_loss(*(pairs if pairs is not None else (x, z_star)))
             self._update(self.opt_encoder, self.encoder.parameters(), loss_enc)
-        if self.opt_decoder is None:
+        updates = self.em.decoder_updates if self.updates_decoder else 0
+        if updates == 0:
             with torch.no_grad():
                 loss_dec = -self.decoder.log_prob(x, z_star).mean()
-        for _ in range(self.em.decoder_updates if self.opt_decoder is not None else 0):
-            loss_dec = -self.decoder.log_prob(x, z_star).mean()
+        for _ in range(updates):
+            loss_dec = -self.decoder.log_prob(x, self.m_step_latents(x, z_star)).mean()
             self._update(self.opt_decoder, self.decoder.parameters(), loss_dec)
         if self.ema is not None:
             with torch.no_grad():
@@ -151,6 +263,11 @@ class DiffusionEM(nn.Module):
             sigma_x=self.decoder.sigma().item(),
         )
         return stats
+
+    @property
+    def updates_decoder(self) -> bool:
+        """Whether the EM phase has an M-step: not for a frozen or known (parameter-free) decoder."""
+        return self.opt_decoder is not None and self.em.m_step != "frozen"
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_encoder, self.opt_decoder) if o is not None]
@@ -190,7 +307,7 @@ class DiffusionEM(nn.Module):
         """Deterministic-sampler samples with their exact ``log q`` through the Jacobian."""
         ev = self.cfg.eval
         sampler = ev.sampler if ev.sampler != "ancestral" else "dpmpp2m"
-        return self.amortised.log_q(x, steps=ev.sampler_steps, sampler=sampler)
+        return self.amortised.log_q(x, steps=ev.logq_steps, sampler=sampler)
 
     def encoder_nfe(self) -> int:
         return self.amortised.nfe(self.cfg.eval.sampler, self.cfg.eval.sampler_steps)

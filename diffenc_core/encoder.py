@@ -32,25 +32,36 @@ class DiffusionEncoder(nn.Module):
         enc_cfg: EncoderConfig,
         vae_cfg: VAEConfig,
         image_shape: ImageShape | None = None,
+        zero_head: bool = True,
     ):
+        """``zero_head``: the head starts at the prior (EM from scratch); else it is initialised
+        exactly like the VAE baseline's encoder, for a VAE phase that reproduces the baseline."""
         super().__init__()
         self.x_dim = x_dim
         self.latent_dim = latent_dim
         self.base = enc_cfg.base
         self.schedule = LogSNRSchedule.from_config(enc_cfg)
         image_shape = conv_shape(image_shape)
-        self.score = ScoreNet.from_config(x_dim, latent_dim, enc_cfg, image_shape)
         self.head: GaussianEncoderNet | None = None
         if self.base != "none":
             self.head = GaussianEncoderNet.from_config(
-                x_dim, latent_dim, vae_cfg, image_shape, zero_init=True
+                x_dim, latent_dim, vae_cfg, image_shape, zero_init=zero_head
             )
+        # the score net draws its initial weights from a stream of its own, so the global stream
+        # goes on to the decoder exactly as in the VAE baseline (head, then decoder)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            self.score = ScoreNet.from_config(x_dim, latent_dim, enc_cfg, image_shape)
 
     @classmethod
     def from_config(
-        cls, model_cfg: ModelConfig, x_dim: int, image_shape: ImageShape | None = None
+        cls,
+        model_cfg: ModelConfig,
+        x_dim: int,
+        image_shape: ImageShape | None = None,
+        zero_head: bool = True,
     ) -> DiffusionEncoder:
-        return cls(x_dim, model_cfg.latent_dim, model_cfg.encoder, model_cfg.vae, image_shape)
+        return cls(x_dim, model_cfg.latent_dim, model_cfg.encoder, model_cfg.vae, image_shape, zero_head)
 
     # ------------------------------------------------------------------------------ eps
     def _eps(
@@ -90,13 +101,15 @@ class DiffusionEncoder(nn.Module):
         return fn
 
     # ----------------------------------------------------------------------------- loss
-    def loss(self, x: Tensor, z0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self, x: Tensor, z0: Tensor, generator: torch.Generator | None = None, fit_head: bool = True
+    ) -> Tensor:
         """The plain eps-prediction loss on pairs ``(x, z0)`` (§3 step 2), a scalar.
 
         Batch mean of ``||eps_hat - eps||^2`` summed over latent dims, logsnr stratified-uniform
         on ``[min, max]`` (the likelihood / rate weighting, §9). ``whitened`` adds the head's
-        Gaussian NLL of ``z0`` (summed over dims, batch mean); its eps targets ``u`` use the
-        detached head.
+        Gaussian NLL of ``z0`` (summed over dims, batch mean) unless ``fit_head`` is False (the
+        head then learns elsewhere, e.g. by the ELBO); its eps targets ``u`` use the detached head.
         """
         n = x.shape[0]
         lam = self.schedule.sample_logsnr(n, generator, x.device).to(z0.dtype)
@@ -111,8 +124,9 @@ class DiffusionEncoder(nn.Module):
             var = torch.exp(2 * log_std)
         elif self.base == "whitened":
             mu, log_std = self._head(x)
-            nll = 0.5 * ((z0 - mu) * torch.exp(-log_std)).pow(2) + log_std + 0.5 * LOG_2PI
-            nll = nll.sum(-1).mean()
+            if fit_head:
+                nll = 0.5 * ((z0 - mu) * torch.exp(-log_std)).pow(2) + log_std + 0.5 * LOG_2PI
+                nll = nll.sum(-1).mean()
             target = (z0 - mu.detach()) * torch.exp(-log_std.detach())
             mu = None
         z_t = alpha * target + sigma * noise

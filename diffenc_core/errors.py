@@ -1,5 +1,13 @@
 """The user-facing errors: each carries one message that names the key, file or run at fault."""
 
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class DiffencError(Exception):
     """A mistake in what the user handed us (config, data file, checkpoint, run name)."""
@@ -23,3 +31,29 @@ class RunError(DiffencError):
 
 class DivergenceError(DiffencError):
     """Training produced non-finite values and could not recover."""
+
+
+class StorageError(DiffencError):
+    """A file or folder that cannot be written: read-only, full, no permission, a file in the way."""
+
+
+# A write that fails for one of these reasons is the user's to fix (a read-only or full disk, a
+# file where a folder belongs), so it is a StorageError; any other OSError stays one (transient).
+USER_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                         errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG})
+IN_THE_WAY = "a file stands where a folder is needed"
+REASONS = {errno.ENOTDIR: IN_THE_WAY, errno.EEXIST: IN_THE_WAY}  # plainer than the C library's words
+
+
+@contextmanager
+def writing(path: str | Path, hint: str = "") -> Iterator[None]:
+    """Turn a write to ``path`` that fails for a user-fixable reason into one StorageError line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            raise
+        where = err.filename or path
+        more = f"; {hint}" if hint else ""
+        reason = REASONS.get(err.errno) or os.strerror(err.errno)
+        raise StorageError(f"{where}: cannot write ({reason}){more}") from None

@@ -21,10 +21,11 @@ from diffenc_core import checkpoint, data, metrics, plots, runs
 from diffenc_core.config import Config, from_dict
 from diffenc_core.em import DiffusionEM
 from diffenc_core.errors import CheckpointError, RunError
+from diffenc_core.evidence import AISSettings, ais_log_px
 from diffenc_core.langevin import e_step
 from diffenc_core.toys import Bimodal, LinearGaussian, std_normal_log_prob, toy_from_manifest
 from diffenc_core.trainer import build_method, device_for
-from diffenc_core.vae import GaussianVAE
+from diffenc_core.vae import GaussianVAE, gaussian_log_q
 
 Method = DiffusionEM | GaussianVAE
 POSTERIOR_COLUMNS = {"x_index": "int64", "source": "str", "z0": "float32", "z1": "float32"}
@@ -60,10 +61,10 @@ def _batched(fn, x: Tensor, size: int) -> list[Any]:
     return [fn(x[i : i + size]) for i in range(0, x.shape[0], size)]
 
 
-def _cat(parts: list[Any]) -> Any:
+def _cat(parts: list[Any], dim: int = 0) -> Any:
     if isinstance(parts[0], tuple):
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
-    return torch.cat(parts)
+        return tuple(torch.cat(p, dim) for p in zip(*parts, strict=True))
+    return torch.cat(parts, dim)
 
 
 def refine(method: Method, x: Tensor, z0: Tensor, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,25 +136,20 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
 
     # exact log q: ELBO with the exact rate, and IWAE-k (VAE always; diffusion for small d)
     exact_ok = isinstance(method, GaussianVAE) or cfg.model.latent_dim <= ev.exact_logq_max_dim
-    elbo_exact = None
+    elbo_exact = iwae = None
     if exact_ok:
-        n_iw = min(n, max(1, 4096 // ev.iwae_k))
-        xi = x[:n_iw]
-        zs, lqs = [], []
-        for _ in range(ev.iwae_k):
-            z, lq = method.encode_with_log_q(xi)
-            zs.append(z)
-            lqs.append(lq)
-        z_k, lq_k = torch.stack(zs), torch.stack(lqs)
-        with torch.no_grad():
-            lj = method.decoder.log_prob(xi.expand(ev.iwae_k, -1, -1).reshape(-1, xi.shape[1]),
-                                         z_k.reshape(-1, z_k.shape[-1])).reshape(ev.iwae_k, -1)
-            lj = lj + std_normal_log_prob(z_k)
+        lj, lq_k, z_k = _cat([importance_samples(method, x[i : i + bs], ev.iwae_k) for i in range(0, n, bs)], dim=1)
         elbo_exact = (lj - lq_k).mean(0)
-        out[f"iwae_{ev.iwae_k}_nats"] = metrics.iwae_bound(lj, lq_k).mean().item()
+        iwae = metrics.iwae_bound(lj, lq_k)
+        out[f"iwae_{ev.iwae_k}_nats"] = iwae.mean().item()
         out["elbo_exact_logq_nats"] = elbo_exact.mean().item()
         out["rate_exact_logq_nats"] = (lq_k - std_normal_log_prob(z_k)).mean().item()
-        out["n_iwae"] = n_iw
+    if isinstance(method, DiffusionEM) and method.amortised.head is not None:
+        out["elbo_base_only_nats"] = _base_only_elbo(method, x, ev.elbo_samples).mean().item()
+
+    # the decoder as a density model: log p(x) by AIS, and each bound's gap to it
+    if ev.ais_n > 0:
+        out.update(_evidence(method, x[: min(n, ev.ais_n)], elbo, elbo_exact, iwae, cfg))
 
     # latent statistics and probes
     z_mean = _cat(_batched(lambda xb: _posterior_mean(method, xb), x, bs))
@@ -176,6 +172,65 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
     _write_plots(run, test, x, rec_amort, rec_ref, z_mean, label, ev.n_recon, posterior_rows)
     out = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
     run.write_metrics(out)
+    return out
+
+
+def importance_samples(method: Method, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``k`` encoder samples per x with ``log p(x, z)`` and the exact ``log q(z|x)``: ``(k, N)``,
+    ``(k, N)``, ``(k, N, d)``, concatenated along x (dimension 1) by ``_cat``."""
+    zs, lqs = zip(*(method.encode_with_log_q(x) for _ in range(k)), strict=True)
+    z_k, lq_k = torch.stack(zs), torch.stack(lqs)
+    with torch.no_grad():
+        lj = method.decoder.log_prob(x.expand(k, -1, -1).reshape(-1, x.shape[1]),
+                                     z_k.reshape(-1, z_k.shape[-1])).reshape(k, -1)
+    return lj + std_normal_log_prob(z_k), lq_k, z_k
+
+
+@torch.no_grad()
+def _base_only_elbo(method: DiffusionEM, x: Tensor, samples: int) -> Tensor:
+    """Per-x ELBO of the encoder's Gaussian base alone (the diffusion residual switched off).
+
+    An ablation: the diffusion encoder's ELBO minus this is what the diffusion adds over the
+    amortised Gaussian it is built on (docs/method.md §10).
+    """
+    mu, log_std = method.amortised.head(x)
+    elbos = []
+    for _ in range(samples):
+        z = mu + log_std.exp() * torch.randn_like(mu)
+        elbos.append(method.decoder.log_prob(x, z) + std_normal_log_prob(z) - gaussian_log_q(z, mu, log_std))
+    return torch.stack(elbos).mean(0)
+
+
+def _evidence(method: Method, x: Tensor, elbo: Tensor, elbo_exact: Tensor | None, iwae: Tensor | None,
+              cfg: Config) -> dict[str, float]:
+    """AIS ``log p(x)`` on ``x`` (the first test examples), its stability, and the bounds' gaps to it."""
+    ev = cfg.eval
+    settings = AISSettings(temperatures=ev.ais_temperatures, particles=ev.ais_particles, moves=ev.ais_moves,
+                           step_size=ev.ais_step_size, batch_size=ev.batch_size)
+    gen = torch.Generator(device=x.device).manual_seed(cfg.train.seed)
+    t0 = time.perf_counter()
+    log_px = ais_log_px(method.decoder.log_prob, x, cfg.model.latent_dim, settings, gen)
+    k = x.shape[0]
+    out = {
+        "ais_log_px_nats": log_px.mean().item(),
+        "ais_log_px_stderr_nats": (log_px.std() / k**0.5).item() if k > 1 else 0.0,
+        "ais_gap_nats": (log_px - elbo[:k]).mean().item(),
+        "ais_seconds": time.perf_counter() - t0,
+        "n_ais": k,
+        "ais_temperatures": ev.ais_temperatures,
+    }
+    if elbo_exact is not None:
+        m = min(k, elbo_exact.shape[0])
+        out["ais_gap_exact_logq_nats"] = (log_px[:m] - elbo_exact[:m]).mean().item()
+    if iwae is not None:
+        m = min(k, iwae.shape[0])
+        out[f"ais_gap_iwae_{ev.iwae_k}_nats"] = (log_px[:m] - iwae[:m]).mean().item()
+    if ev.ais_check_temperatures > 0:
+        short = AISSettings(**{**settings.__dict__, "temperatures": ev.ais_check_temperatures})
+        check = ais_log_px(method.decoder.log_prob, x, cfg.model.latent_dim, short, gen)
+        # a lower bound that tightens with the ladder: this difference says how far from converged
+        out["ais_ladder_change_nats"] = (log_px - check).mean().item()
+        out["ais_check_temperatures"] = ev.ais_check_temperatures
     return out
 
 

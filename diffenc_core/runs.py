@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffenc_core.errors import RunError
+from diffenc_core.errors import RunError, writing
 
 STATUS = "status.json"
 PARAMS = "params.yaml"
@@ -35,20 +36,29 @@ LATENTS = "latents.parquet"
 POSTERIOR = "posterior.parquet"  # encoder vs exact posterior samples; empty without a known decoder
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
-
+LIVE = "live"  # the DVC stages' dvclive folder (``diffenc train --live runs/<name>/live``)
+RUN_ENTRIES = frozenset({STATUS, PARAMS, HISTORY, METRICS, RECON, LATENTS, POSTERIOR, PLOTS, CHECKPOINTS, LIVE})
+"""Everything a run directory may hold (besides atomic-write leftovers): what replacing a run removes."""
+KEPT_ENTRIES = frozenset({".gitignore"})  # DVC's list of the outputs it tracks here: kept when a run is replaced
 
 # ------------------------------------------------------------------------------ atomic writes
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds.
+
+    The temporary file is removed whatever happens, so ``path`` is either the old file or the new
+    one; a read-only or full disk is a StorageError naming the file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with writing(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -221,9 +231,59 @@ class Run:
 def create(runs_dir: str | Path, name: str) -> Run:
     """Make (or reopen) ``runs_dir/name`` with its sub-folders."""
     path = Path(runs_dir) / name
-    (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    (path / PLOTS).mkdir(parents=True, exist_ok=True)
+    with writing(path, "check train.runs_dir"):
+        (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        (path / PLOTS).mkdir(parents=True, exist_ok=True)
     return Run(path)
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory ``path`` is or lies in, if any: a folder with status.json, or params.yaml
+    beside checkpoints/ (a project's own params.yaml alone is not a run)."""
+    p = Path(path).resolve()
+    for folder in (p, *p.parents):
+        if (folder / STATUS).is_file() or ((folder / PARAMS).is_file() and (folder / CHECKPOINTS).is_dir()):
+            return folder
+    return None
+
+
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` holds anything but empty folders (a run, or what is left of one)."""
+    p = Path(path)
+    if p.is_file() or p.is_symlink():
+        return True
+    return p.is_dir() and any((f.is_file() or f.is_symlink()) and f.name not in KEPT_ENTRIES for f in p.rglob("*"))
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """Entries of ``path`` that no run writes (another program's files, nested runs, a study)."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    return sorted(e.name for e in p.iterdir() if e.name not in RUN_ENTRIES | KEPT_ENTRIES
+                  and not (e.name.startswith(".") and e.name.endswith(".tmp")))
+
+
+def remove(path: str | Path) -> None:
+    """Remove every file of the run at ``path`` (live/ included), leaving an empty folder.
+
+    Refuses a folder that holds anything a run does not write, so a mistyped name can never
+    delete another program's files, a tuning study or a folder of runs.
+    """
+    p = Path(path)
+    foreign = foreign_entries(p)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise RunError(f"{p}: not replacing it, it holds files no run writes ({shown}); "
+                       "move them or choose another train.run")
+    with writing(p, "check train.runs_dir"):
+        for entry in p.iterdir() if p.is_dir() else []:
+            if entry.name in KEPT_ENTRIES:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def open_run(path: str | Path) -> Run:

@@ -74,6 +74,11 @@ class GaussianVAE(nn.Module):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
+    @staticmethod
+    def phase_bounds(step: int, total: int) -> tuple[int, int]:
+        """One phase: the whole run (the learning-rate schedule spans it)."""
+        return 0, total
+
     # -- checkpoint
     def state(self) -> dict[str, Any]:
         return {"models": self.state_dict(), "optimizers": {"vae": self.optimizer.state_dict()}}

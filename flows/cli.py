@@ -6,10 +6,11 @@ clear message and exits with status 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +23,9 @@ from flows import dispatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err_console = Console(stderr=True)
-console = Console()
+console = Console(soft_wrap=True)  # a long run path stays one line in a log file (not cut at 80 columns)
+
+SIGINT_EXIT = 130  # 128 + SIGINT, the shell's status for a process stopped by Ctrl-C
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
 SetOpt = Annotated[
@@ -38,7 +41,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except DiffencError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -74,23 +79,41 @@ def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 def train(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue the run from its last checkpoint (starts it if there is none)")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace the run: every file of the old one is removed")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     live: Annotated[
         Path | None, typer.Option(help="also log every logged step with dvclive into this folder (DVC plots)")
     ] = None,
 ) -> None:
-    """Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/."""
-    cfg = load_config(params, set_)
-    if live is None:
-        out = dispatch.call("train", cfg, resume=resume, progress=progress)
-    elif dispatch.use_prefect():  # the flow builds the dvclive logger in its own task
-        out = dispatch.call("train", cfg, resume=resume, progress=progress, live_dir=str(live))
-    else:
-        from flows.dvclive_log import LiveLogger
+    """Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/ (train.run, default the method).
 
-        with LiveLogger(live, resume=resume) as logger:
-            out = dispatch.call("train", cfg, resume=resume, progress=progress, on_log=logger)
+    A folder that already holds a run is refused unless --resume or --overwrite says what to do.
+    SIGTERM/SIGINT: the current step ends, checkpoints/last.pt is written, exit 143/130.
+    """
+    from diffenc_core import runstart
+    from diffenc_core.interrupt import Interrupted
+
+    cfg = load_config(params, set_)
+    runstart.mode(resume, overwrite)  # both flags: refused before anything runs
+    kwargs: dict[str, Any] = {"resume": resume, "overwrite": overwrite, "progress": progress}
+    if live is not None:
+        kwargs["live_dir"] = str(live)
+    if not dispatch.use_prefect():  # a flow run logs the start line and handles signals in its task
+        kwargs.update(say=lambda line: console.print(line, markup=False, highlight=False), stop_signals=True)
+    try:
+        out = dispatch.call("train", cfg, **kwargs)
+    except Interrupted as stop:
+        from rich.markup import escape
+
+        err_console.print(f"[bold yellow]interrupted:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code) from None
+    except KeyboardInterrupt:  # a second signal: stopped at once, its last periodic checkpoint kept
+        err_console.print("[bold yellow]interrupted:[/] stopped at once; `diffenc train --resume` continues "
+                          "from the last periodic checkpoint", highlight=False, soft_wrap=True)
+        raise typer.Exit(SIGINT_EXIT) from None
     console.print(f"trained [bold]{out}[/]")
 
 
@@ -159,7 +182,40 @@ def tune(
     from flows.tuning import run_study
 
     cfg = load_config(params, set_)
-    run_study(cfg, study=study, storage=storage, n_trials=n_trials, workers=workers)
+    with worker_deaths():
+        run_study(cfg, study=study, storage=storage, n_trials=n_trials, workers=workers)
+
+
+@tune_app.command("resume")
+@user_errors
+def tune_resume(
+    params: Annotated[Path, typer.Option("--params", "-p", help="params.yaml, only to find the default storage")]
+    = Path("params.yaml"),
+    study: Annotated[str | None, typer.Option(help="study name (default: tune.study)")] = None,
+    storage: Annotated[str | None, typer.Option(help="storage URL or journal file")] = None,
+    n_trials: Annotated[int | None, typer.Option(help="a larger target extends the study")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes on this machine")] = None,
+) -> None:
+    """Continue a study with the settings it stored: configuration, search space, objective, target."""
+    from flows.tuning import resume_study
+
+    cfg = load_config(params, None)
+    with worker_deaths():
+        resume_study(cfg, study=study, storage=storage, n_trials=n_trials, workers=workers)
+
+
+@contextlib.contextmanager
+def worker_deaths() -> Iterator[None]:
+    """A tuning worker that died: one line on stderr and its own exit status (not a user mistake)."""
+    from rich.markup import escape
+
+    from flows.tuning import WorkerDied
+
+    try:
+        yield
+    except WorkerDied as err:
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code) from None
 
 
 @tune_app.command("show")
@@ -192,7 +248,9 @@ def serve(
     """Serve every Prefect deployment (needs a Prefect server: see the README)."""
     from flows.serve import main as serve_main
 
-    serve_main(params=params, sets=set_ or [], limit=limit, work_pool=work_pool)
+    code = serve_main(params=params, sets=set_ or [], limit=limit, work_pool=work_pool)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -206,7 +264,9 @@ def dashboard(
     """Open the Streamlit dashboard over a runs folder."""
     from dashboard.launch import main as dashboard_main
 
-    dashboard_main(runs_dir=runs_dir, storage=storage, host=host, port=port)
+    code = dashboard_main(runs_dir=runs_dir, storage=storage, host=host, port=port)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("config")

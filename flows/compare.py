@@ -22,7 +22,7 @@ import pandas as pd
 
 from diffenc_core import runs
 from diffenc_core.config import Config
-from diffenc_core.errors import RunError
+from diffenc_core.errors import ConfigError, RunError, writing
 
 OUT_NAME = "comparison"
 MD, CSV, JSON, RD_PNG = "comparison.md", "comparison.csv", "comparison.json", "rate_distortion.png"
@@ -30,13 +30,18 @@ MD, CSV, JSON, RD_PNG = "comparison.md", "comparison.csv", "comparison.json", "r
 ID_COLUMNS = ["name", "method", "dataset", "beta", "latent_dim"]
 # Shown first and in this order where present; any other scalar metric follows, sorted.
 PREFERRED = [
-    "neg_elbo_nats", "rate_nats", "distortion_nats", "elbo_exact_logq_nats", "rate_exact_logq_nats",
+    "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats", "ais_gap_nats", "ais_gap_exact_logq_nats",
+    "ais_gap_iwae_32_nats", "elbo_base_only_nats",
+    "neg_elbo_nats", "rate_nats", "distortion_nats", "rate_exact_logq_nats",
     "rate_score_integral_nats", "mse_amortised", "mse_refined", "psnr_amortised_db", "psnr_refined_db",
     "sync_gap_nats", "langevin_accept", "active_units", "aggregate_kl_to_prior_nats", "probe_accuracy",
     "encode_seconds_per_1000", "encoder_nfe", "sigma_x",
 ]
-LOWER_IS_BETTER = ("neg_elbo_nats", "distortion_nats", "mse_amortised", "mse_refined", "sync_gap_nats")
-SKIP_METRICS = {"method", "beta", "latent_dim", "n_test", "n_iwae", "refine_steps"}
+LOWER_IS_BETTER = ("neg_elbo_nats", "distortion_nats", "mse_amortised", "mse_refined", "sync_gap_nats", "ais_gap_nats",
+                   "ais_gap_exact_logq_nats", "ais_gap_iwae_32_nats")
+HIGHER_IS_BETTER = ("elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats")
+SKIP_METRICS = {"method", "beta", "latent_dim", "n_test", "n_iwae", "refine_steps", "n_ais", "ais_temperatures",
+                "ais_check_temperatures"}
 
 
 def _scalar(value: Any) -> bool:
@@ -105,10 +110,10 @@ def _side_by_side(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             continue
         values = list(table[col])
         cells = [_fmt(v) for v in values]
-        if col in LOWER_IS_BETTER and len(values) > 1:
+        if col in LOWER_IS_BETTER + HIGHER_IS_BETTER and len(values) > 1:
             finite = [v for v in values if _scalar(v) and math.isfinite(v)]
             if finite:
-                best = min(finite)
+                best = min(finite) if col in LOWER_IS_BETTER else max(finite)
                 cells = [c + " *" if _scalar(v) and v == best else c for c, v in zip(cells, values, strict=True)]
         body.append([col, *cells])
     return header, body
@@ -118,7 +123,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     header, body = _side_by_side(table)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * len(header)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    note = "\n\n`*` marks the lowest value of a lower-is-better metric; nats are per example.\n"
+    note = ("\n\n`*` marks the better value of a metric where one direction is better; nats are per example "
+            "(ELBO / IWAE / AIS log p(x): higher is better; `ais_gap_*` = AIS log p(x) − that bound, the "
+            "encoder's own gap: lower is better).\n")
     return "# Comparison of evaluated runs\n\n" + "\n".join(lines) + note
 
 
@@ -142,7 +149,8 @@ def write_outputs(table: pd.DataFrame, out: Path) -> None:
     """The markdown, CSV, JSON and rate–distortion PNG, each written atomically."""
     from diffenc_core import plots
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "choose another --out"):
+        out.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(out / MD, to_markdown(table))
     runs.atomic_write_text(out / CSV, table.to_csv(index=False, float_format="%.6g"))
     records = {r["name"]: {k: v for k, v in r.items() if k != "name" and not _missing(v)}
@@ -175,6 +183,10 @@ def compare_entry(
     """
     root = Path(runs_dir) if runs_dir is not None else Path(cfg.train.runs_dir)
     out = Path(out) if out is not None else root / OUT_NAME
+    inside = runs.enclosing_run(out)
+    if inside is not None:  # its files would become part of that run (and block replacing it)
+        raise ConfigError(f"--out: {out} is inside the run {inside}; the comparison needs a folder of its own "
+                          f"(default: <runs_dir>/{OUT_NAME})")
     selected, notes = _select(root, run_dirs)
     table = comparison_table(selected)
     write_outputs(table, out)

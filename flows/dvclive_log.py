@@ -18,15 +18,22 @@ SKIP = frozenset({"step", "epoch"})
 
 
 class LiveLogger:
-    """An ``on_log`` callback that mirrors each history row into dvclive; ``close()`` at the end."""
+    """An ``on_log`` callback that mirrors each history row into dvclive; ``close()`` at the end.
+
+    dvclive opens its folder at the first logged step, not before: a run that replaces an old one
+    (``--overwrite``) removes the old ``live/`` first, and a run refused at the start writes nothing.
+    """
 
     def __init__(self, directory: str | Path, resume: bool = False):
-        from dvclive import Live
-
         self.dir = Path(directory)
-        self.live = Live(dir=str(self.dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=False)
+        self.resume = resume
+        self.live: Any = None
 
     def __call__(self, step: int, row: dict[str, Any]) -> None:
+        if self.live is None:
+            from dvclive import Live
+
+            self.live = Live(dir=str(self.dir), resume=self.resume, report=None, save_dvc_exp=False, dvcyaml=False)
         self.live.step = int(step)
         for key, value in row.items():
             if key in SKIP or isinstance(value, bool) or not isinstance(value, int | float):
@@ -37,7 +44,8 @@ class LiveLogger:
         self.live.sync()  # summary (and DVC Studio live updates, when configured)
 
     def close(self) -> None:
-        self.live.end()
+        if self.live is not None:
+            self.live.end()
 
     def __enter__(self) -> LiveLogger:
         return self

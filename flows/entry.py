@@ -6,10 +6,11 @@ not tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffenc_core import data, evaluate, runs, trainer
+from diffenc_core import data, evaluate, runs, runstart, trainer
 from diffenc_core.config import Config
 
 
@@ -21,12 +22,42 @@ def prepare_entry(cfg: Config) -> Path:
 def train_entry(
     cfg: Config,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_log: trainer.Callback | None = None,
     on_validate: trainer.Callback | None = None,
+    live_dir: str | Path | None = None,
+    say: Callable[[str], None] | None = None,
+    stop_signals: bool = False,
 ) -> Path:
-    """Train ``cfg.train.method`` into ``runs/<run>/`` and return the run directory."""
-    run = trainer.train(cfg, resume=resume, progress=progress, on_log=on_log, on_validate=on_validate)
+    """Train ``cfg.train.method`` into ``runs/<run>/`` and return the run directory.
+
+    Neither flag: a new run (a folder that already holds one is refused); ``resume``: continue it
+    (or start fresh when there is none); ``overwrite``: replace it (see :mod:`diffenc_core.runstart`).
+    ``say`` gets the one line saying which; ``live_dir`` mirrors the history into dvclive;
+    ``stop_signals`` stops cleanly on SIGTERM/SIGINT (:class:`diffenc_core.interrupt.Interrupted`).
+    """
+    plan = runstart.plan(cfg, runstart.mode(resume, overwrite))
+    if say is not None and plan.message:
+        say(plan.message)
+    live = None
+    if live_dir is not None:
+        from flows.dvclive_log import LiveLogger
+
+        live = LiveLogger(live_dir, resume=plan.resume)
+
+    def log(step: int, row: dict[str, float]) -> None:
+        if on_log is not None:
+            on_log(step, row)
+        if live is not None:
+            live(step, row)
+
+    try:
+        run = trainer.train(cfg, plan, progress=progress, on_log=log, on_validate=on_validate,
+                            stop_signals=stop_signals)
+    finally:
+        if live is not None:
+            live.close()
     return run.path
 
 

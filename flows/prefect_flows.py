@@ -53,6 +53,9 @@ DEPLOYMENT = "default"
 
 Method = Literal["diffusion", "vae"]
 
+PARAMS_SUFFIXES = (".yaml", ".yml")
+"""What a flow's ``params_file`` parameter may name: a flow run reads no other file of the server."""
+
 
 # ------------------------------------------------------------------------------ configuration
 def _section(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
@@ -94,6 +97,8 @@ def resolve_config(
     """
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(f"parameters: 'overrides' must be a mapping, got {type(overrides).__name__}")
+    if params_file is not None and Path(params_file).suffix.lower() not in PARAMS_SUFFIXES:
+        raise ConfigError(f"parameters: params_file: {params_file} is not a YAML params file (.yaml or .yml)")
     base = config_mod.load(params_file, sets or []) if (params_file or sets) else Config()
     tree: Any = base.to_dict()
     for key, value in (overrides or {}).items():
@@ -230,74 +235,37 @@ def prepare_task(cfg: Config) -> Path:
     return out
 
 
-# Keys that may change between a killed run and its re-run without making the checkpoint foreign.
-RESUME_IGNORES = ("train.steps", "train.time_budget_s", "train.threads", "train.device", "train.runs_dir",
-                  "data.root", "eval.", "tune.")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and not (prefix + key).startswith("tune."):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def resume_decision(cfg: Config) -> tuple[bool, str]:
-    """Whether ``cfg``'s run can continue from its last checkpoint, and why (for the log)."""
-    from diffenc_core import runs
-
-    run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
-    if not (run_dir / runs.CHECKPOINTS / "last.pt").is_file():
-        return False, f"no checkpoint in {run_dir}: starting a fresh run"
-    old = runs.Run(run_dir).params()
-    if not old:
-        return False, f"{run_dir} has no readable params.yaml: starting a fresh run"
-    before, now = _flat(old), _flat(cfg.to_dict())
-    changed = sorted(k for k in set(before) | set(now)
-                     if before.get(k) != now.get(k) and not k.startswith(RESUME_IGNORES))
-    if changed:
-        return False, (f"{run_dir} was trained with different settings ({', '.join(changed[:6])}): "
-                       "starting it afresh")
-    state = runs.Run(run_dir).status().get("state", "unknown")
-    return True, f"resuming {run_dir} from checkpoints/last.pt (its status: {state})"
+def inside_runs_dir(cfg: Config, path: str | Path, name: str) -> Path:
+    """``path`` (a flow parameter) if it lies inside ``train.runs_dir``, else a ConfigError naming it:
+    a flow run, whose parameters anyone who reaches the server can set, writes nowhere else."""
+    root = Path(cfg.train.runs_dir).resolve()
+    resolved = Path(path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ConfigError(f"parameters: {name}: {path} lies outside train.runs_dir ({cfg.train.runs_dir})")
+    return Path(path)
 
 
 @task(name="train-model", **TASK_OPTIONS)
-def train_task(cfg: Config, resume: bool = True, progress: bool = False, live_dir: str | None = None) -> Path:
-    """Train, resuming from the run's last checkpoint when asked (and always on a retry)."""
+def train_task(cfg: Config, resume: bool = True, progress: bool = False, live_dir: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Train: a new run, or resume / overwrite it as asked, exactly like ``diffenc train`` (one
+    implementation: :mod:`diffenc_core.runstart`); a retry always resumes what the try began."""
     from prefect.runtime import task_run
 
     from flows import entry
 
     log = _logger()
-    retrying = task_run.run_count > 1
-    do_resume = False
-    if resume or retrying:
-        do_resume, why = resume_decision(cfg)
-        log.info(why)
-    total, name = cfg.train.steps, cfg.train.run_name
+    if task_run.run_count > 1:
+        resume, overwrite = True, False
+    total, name = cfg.total_steps, cfg.train.run_name
     shown = ("loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo", "val_mse")
-
-    live = None
-    if live_dir is not None:
-        from flows.dvclive_log import LiveLogger
-
-        live = LiveLogger(live_dir, resume=do_resume)
 
     def on_log(step: int, row: dict[str, float]) -> None:
         info = " ".join(f"{k}={row[k]:.4g}" for k in shown if k in row)
         log.info("%s step %d/%d (%.0f%%) %s", name, step, total, 100 * step / total, info)
-        if live is not None:
-            live(step, row)
 
-    try:
-        return entry.train_entry(cfg, resume=do_resume, progress=progress, on_log=on_log)
-    finally:
-        if live is not None:
-            live.close()
+    return entry.train_entry(cfg, resume=resume, overwrite=overwrite, progress=progress, on_log=on_log,
+                             live_dir=live_dir, say=log.info, stop_signals=True)
 
 
 @task(name="evaluate-run", **TASK_OPTIONS)
@@ -356,14 +324,25 @@ def prepare(overrides: dict[str, Any] | None = None, params_file: str | None = N
 
 
 @flow(name="diffenc-train", description="Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/. "
-      "Re-running it continues a killed run from its last checkpoint.")
+      "Re-running it continues a killed run from its last checkpoint; overwrite=true replaces a run.")
 def train(overrides: dict[str, Any] | None = None, resume: bool = True, progress: bool = False,
-          params_file: str | None = None, sets: list[str] | None = None, live_dir: str | None = None) -> Path:
-    """``resume=True`` (the default) continues the run from ``checkpoints/last.pt`` when it exists
-    and was written with the same settings (the budget may grow); ``resume=False`` starts over."""
+          params_file: str | None = None, sets: list[str] | None = None, live_dir: str | None = None,
+          overwrite: bool = False) -> Path:
+    """Like ``diffenc train``: ``resume=True`` (the default) continues the run from
+    ``checkpoints/last.pt`` (the budget may grow; other changed settings are refused, naming them)
+    or starts it when there is none; ``resume=False`` starts a new run and refuses a folder that
+    holds one; ``overwrite=True`` replaces the run (``resume`` is then ignored). ``live_dir`` must
+    lie inside ``train.runs_dir``."""
     cfg = _config(overrides, params_file, sets)
+    if overwrite:
+        resume = False
+    if live_dir is not None:
+        inside_runs_dir(cfg, live_dir, "live_dir")
+    from diffenc_core import runstart
+
+    runstart.plan(cfg, runstart.mode(resume, overwrite))  # a refusal fails the flow before any work
     _ensure_data(cfg)
-    run_dir = train_task(cfg, resume=resume, progress=progress, live_dir=live_dir)
+    run_dir = train_task(cfg, resume=resume, progress=progress, live_dir=live_dir, overwrite=overwrite)
     publish("train", cfg.train.run_name, f"Training {cfg.train.run_name} ({cfg.train.method})",
             {"value": train_summary(run_dir)}, {"run directory": run_dir})
     return run_dir
@@ -372,9 +351,12 @@ def train(overrides: dict[str, Any] | None = None, resume: bool = True, progress
 @flow(name="diffenc-evaluate", description="Evaluate a trained run: metrics.json, Parquet tables, plots.")
 def evaluate(overrides: dict[str, Any] | None = None, run_dir: Path | None = None,
              params_file: str | None = None, sets: list[str] | None = None) -> dict[str, Any]:
+    """``run_dir`` defaults to ``<train.runs_dir>/<train.run>`` and must lie inside ``train.runs_dir``."""
     cfg = _config(overrides, params_file, sets)
     from diffenc_core import runs
 
+    if run_dir is not None:
+        inside_runs_dir(cfg, run_dir, "run_dir")
     run = runs.open_run(run_dir if run_dir is not None else Path(cfg.train.runs_dir) / cfg.train.run_name)
     metrics = evaluate_task(cfg, run.path)
     publish("evaluate", run.name, f"Evaluation of {run.name}", {"value": metrics}, {"run directory": run.path})
@@ -405,10 +387,20 @@ def tune(overrides: dict[str, Any] | None = None, study: str | None = None, stor
          n_trials: int | None = None, workers: int | None = None, fan_out: int = 1,
          deployment: str = f"diffenc-tune/{DEPLOYMENT}",
          params_file: str | None = None, sets: list[str] | None = None) -> dict[str, Any]:
+    """Given only ``study`` (no ``overrides``) and the study exists, it continues with the settings
+    it stored (configuration, search space, objective, target), like ``diffenc tune resume``."""
     cfg = _config(overrides, params_file, sets)
     if fan_out < 1:
         raise ConfigError(f"parameters: fan_out must be >= 1 (got {fan_out})")
     name = study or cfg.tune.study
+    if not overrides:
+        from flows.tuning import stored_study
+
+        settings = stored_study(cfg, study, storage)
+        if settings is not None:
+            cfg, n_trials = settings.config, n_trials if n_trials is not None else settings.n_trials
+            _logger().info("study %s exists: resuming it with its stored settings (target %d finished trials)",
+                           name, n_trials)
     workers_note: dict[str, str] = {}
     if fan_out > 1:
         cfg = _absolute_paths(cfg)
@@ -448,16 +440,23 @@ def _method_cfg(cfg: Config, method: str, several: bool) -> Config:
 @flow(name="diffenc-pipeline", description="prepare → train → evaluate, for each method (side by side).")
 def pipeline(overrides: dict[str, Any] | None = None, methods: list[Method] | None = None,
              resume: bool = True, params_file: str | None = None,
-             sets: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """``methods`` defaults to ``[train.method]``; with several, runs are named ``<run>-<method>``."""
+             sets: list[str] | None = None, overwrite: bool = False) -> dict[str, dict[str, Any]]:
+    """``methods`` defaults to ``[train.method]``; with several, runs are named ``<run>-<method>``,
+    and without ``train.run`` simply ``<method>``. Each run is resumed (``resume=True``, the
+    default: a finished run with the same settings is only re-evaluated, other settings are
+    refused), started new (``resume=False``: refused if it exists) or replaced (``overwrite``)."""
     cfg = _config(overrides, params_file, sets)
     methods = list(dict.fromkeys(methods or [cfg.train.method]))
     per_method = {m: _method_cfg(cfg, m, len(methods) > 1) for m in methods}  # validated up front
+    from diffenc_core import runstart
+
+    for mcfg in per_method.values():  # a run that would be refused stops the pipeline before any work
+        runstart.plan(mcfg, runstart.mode(resume and not overwrite, overwrite))
     _ensure_data(cfg)
     results: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for method, mcfg in per_method.items():
-        run_dirs[method] = train(overrides=mcfg.to_dict(), resume=resume)
+        run_dirs[method] = train(overrides=mcfg.to_dict(), resume=resume, overwrite=overwrite)
         results[mcfg.train.run_name] = evaluate(overrides=mcfg.to_dict(), run_dir=str(run_dirs[method]))
     publish("pipeline", "-".join(r.name for r in map(Path, run_dirs.values())),
             "Pipeline: " + ", ".join(methods), results, {f"{m} run": d for m, d in run_dirs.items()})
@@ -469,11 +468,13 @@ def pipeline(overrides: dict[str, Any] | None = None, methods: list[Method] | No
 def beta_sweep(overrides: dict[str, Any] | None = None, betas: list[float] | None = None,
                method: Method | None = None, via: Literal["deployment", "inline"] = "deployment",
                deployment: str = f"diffenc-pipeline/{DEPLOYMENT}", resume: bool = True,
-               params_file: str | None = None, sets: list[str] | None = None) -> dict[str, dict[str, Any]]:
+               params_file: str | None = None, sets: list[str] | None = None,
+               overwrite: bool = False) -> dict[str, dict[str, Any]]:
     """``via="deployment"`` runs each β as its own flow run of ``deployment`` (in parallel, on any
     process serving it: several ``diffenc serve`` processes or ``prefect worker start`` on a work
     pool); ``via="inline"`` runs them one after another in this process (no deployment needed).
-    Runs are named ``<run or method>-beta<β>``; results are read back from their run directories,
+    Runs are named ``<run or method>-beta<β>`` and resumed, started or replaced as ``resume`` /
+    ``overwrite`` say (as for the pipeline); results are read back from their run directories,
     so every worker must see the same ``train.runs_dir`` (shared disk)."""
     cfg = _config(overrides, params_file, sets)
     if via == "deployment":
@@ -487,7 +488,8 @@ def beta_sweep(overrides: dict[str, Any] | None = None, betas: list[float] | Non
     failed: list[str] = []
     if via == "deployment":
         futures = {b: launch_task.submit(deployment, {"overrides": c.to_dict(), "methods": [method],
-                                                      "resume": resume}, f"{base}-beta{b:g}")
+                                                      "resume": resume, "overwrite": overwrite},
+                                      f"{base}-beta{b:g}")
                    for b, c in sweep.items()}
         for b, fut in futures.items():
             child = fut.result()
@@ -496,7 +498,7 @@ def beta_sweep(overrides: dict[str, Any] | None = None, betas: list[float] | Non
                 failed.append(f"β={b:g} ({child['name']}: {child['state']} {child['message'] or ''})")
     else:
         for c in sweep.values():
-            pipeline(overrides=c.to_dict(), methods=[method], resume=resume)
+            pipeline(overrides=c.to_dict(), methods=[method], resume=resume, overwrite=overwrite)
     from diffenc_core import runs
 
     columns: dict[str, dict[str, Any]] = {}

@@ -15,6 +15,7 @@ TINY_SETS = [
     "model.vae.hidden=32",
     "em.langevin_steps=3",
     "em.warmup_steps=0",
+    "em.vae_steps=0",
     "em.init_sampler_steps=3",
     "eval.sampler_steps=3",
     "eval.rate_steps=10",

@@ -130,6 +130,10 @@ def test_user_npz_parquet_npy_png(tmp_path):
         (lambda p: pd.DataFrame({"a": ["x"] * 20}).to_parquet(p / "f.parquet"), "non-numeric"),
         (lambda p: (p / "f.csv").write_text("1,2\n"), "unsupported file type"),
         (lambda p: (p / "f").mkdir(), "found 0 PNG images"),
+        # issue 12 #10: float labels name the dtype (the shape alone looked right)
+        (lambda p: np.savez(p / "f.npz", x=np.ones((20, 3)), y=np.linspace(0, 1, 20)), "got dtype float64"),
+        (lambda p: pd.DataFrame({"a": np.ones(20), "label": np.linspace(0, 1, 20)}).to_parquet(p / "f.parquet"),
+         "got dtype float64"),
     ],
 )
 def test_bad_user_files_are_named_and_nothing_is_written(tmp_path, make, needle):

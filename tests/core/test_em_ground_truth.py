@@ -18,8 +18,8 @@ TOY = [
     "data.count=6000", "model.latent_dim=2", "model.decoder.kind=truth", "train.batch_size=256",
     "train.lr_encoder=2e-3", "model.encoder.hidden=64", "model.encoder.blocks=2",
     "model.encoder.x_embed_dim=32", "model.encoder.time_embed_dim=32", "model.vae.hidden=64",
-    "eval.n_test=200", "eval.exact_logq_max_dim=2", "eval.iwae_k=8", "eval.sampler_steps=20",
-    "eval.refine_steps=0",
+    "eval.n_test=200", "eval.exact_logq_max_dim=2", "eval.iwae_k=8", "eval.sampler_steps=20", "eval.logq_steps=20",
+    "eval.refine_steps=0", "eval.ais_n=200", "em.vae_steps=0",
 ]
 
 
@@ -47,6 +47,12 @@ def test_linear_gaussian_encoders_reach_the_exact_posterior(tmp_path):
     # the three rate estimators agree on a trained encoder
     for key in ("rate_score_integral_nats", "rate_exact_logq_nats"):
         assert diff[key] == pytest.approx(diff["rate_nats"], rel=0.1)
+    # AIS log p(x) on the same 200 x against the closed form: a lower bound, converged on this ladder
+    for out in (diff, vae):
+        assert out["n_ais"] == out["n_test"] == 200
+        assert -0.05 < out["log_px_nats"] - out["ais_log_px_nats"] < 0.02
+        assert abs(out["ais_ladder_change_nats"]) < 0.05
+        assert out["ais_gap_exact_logq_nats"] == pytest.approx(out["elbo_gap_exact_logq_mean_nats"], abs=0.05)
 
 
 def test_bimodal_diffusion_encoder_covers_both_modes_where_the_gaussian_cannot(tmp_path):
@@ -62,6 +68,8 @@ def test_bimodal_diffusion_encoder_covers_both_modes_where_the_gaussian_cannot(t
     assert vae["mode_mass_error"] > 0.25
     assert diff["elbo_gap_median_nats"] < 0.8 * vae["elbo_gap_median_nats"]
     assert run.history()["ess"].notna().all()
+    # AIS log p(x) against quadrature on the same 200 x (two well-separated modes: the hard case)
+    assert abs(diff["log_px_nats"] - diff["ais_log_px_nats"]) < 0.05
 
 
 def test_digits_em_trains_without_nan_and_improves(tmp_path):

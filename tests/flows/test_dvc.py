@@ -39,8 +39,9 @@ def dvc_yaml() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
-# config.py / errors.py: parameters are tracked through `params:`, messages do not change results
-NOT_DEPS = {"config", "errors", "__init__"}
+# config.py / errors.py: parameters are tracked through `params:`, messages do not change results;
+# runstart.py / interrupt.py: how a run starts and stops (new, resume, overwrite, a signal), not what it computes
+NOT_DEPS = {"config", "errors", "runstart", "interrupt", "__init__"}
 
 
 def core_imports(module: str) -> set[str]:
@@ -133,7 +134,7 @@ def set_param(repo: Path, key: str, value: object) -> None:
     for part in parents:
         node = node[part]
     node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    (repo / "params.yaml").write_text(config.to_yaml(tree))
 
 
 def lock(repo: Path) -> dict:
@@ -268,6 +269,10 @@ def test_experiment_with_beta(repo: Path) -> None:
     # train, evaluate and compare for both methods (checked by hand; see the README)
     res = dvc(repo, "exp", "run", "-n", "beta-half", "-S", "train.beta=0.5", "train@vae")
     assert ran(res) == ["train@vae"]
+    # DVC rewrote params.yaml with its own YAML writer: only the line that was set changed (issue 12 #10)
+    diff = sh(repo, "git", "diff", "-U0", "params.yaml").stdout
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert changed == ["-  beta: 1.0", "+  beta: 0.5"], diff
     assert yaml.safe_load((repo / "runs" / "vae" / "params.yaml").read_text())["train"]["beta"] == 0.5
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     exps = [e for base in shown for e in (base.get("experiments") or [])]

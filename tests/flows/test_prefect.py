@@ -267,21 +267,64 @@ def test_only_transient_errors_are_retried():
     assert pf.train_task.retries == 2 and pf.train_task.retry_condition_fn is pf._retry_transient
 
 
-def test_resume_decision_follows_the_checkpoint_and_settings(tmp_path):
-    from diffenc_core import runs
+def test_train_flow_starts_runs_exactly_like_the_cli(tmp_path):
+    """Issue 12 #1/#7: one decision (diffenc_core.runstart) for the flow and `diffenc train`: a run
+    with other settings is refused naming the keys, an existing run is never silently replaced;
+    both before any work (the flow body runs here, without a server)."""
+    from diffenc_core import checkpoint, runs, runstart
     from diffenc_core.config import dump
+    from diffenc_core.errors import RunError
 
-    cfg = pf.resolve_config({**tiny_overrides("r"), "train.runs_dir": str(tmp_path)})
-    assert pf.resume_decision(cfg)[0] is False  # nothing there yet
+    over = {**tiny_overrides("r"), "train.runs_dir": str(tmp_path)}
+    cfg = pf.resolve_config(over)
+    assert not runstart.plan(cfg, "resume").resume  # nothing there yet: it starts, and says so
     run = runs.create(tmp_path, "r")
     dump(cfg, run.file(runs.PARAMS))
-    (run.checkpoint_dir / "last.pt").write_bytes(b"x")
-    assert pf.resume_decision(cfg)[0] is True
-    longer = pf.resolve_config({**cfg.to_dict(), "train.steps": 500})
-    assert pf.resume_decision(longer)[0] is True  # a bigger budget continues the run
-    other = pf.resolve_config({**cfg.to_dict(), "train.beta": 2.0})
-    ok, why = pf.resume_decision(other)
-    assert not ok and "train.beta" in why
+    checkpoint.save(run.checkpoint_dir / "last.pt", {"step": 7})
+    longer = pf.resolve_config({**over, "train.steps": 500})
+    assert runstart.plan(longer, "resume").message == "resuming r from step 7"  # a bigger budget continues it
+    with pytest.raises(ConfigError, match="train.beta: 1.0 → 2.0"):
+        pf.train.fn(overrides={**over, "train.beta": 2.0})  # resume=True, the default
+    with pytest.raises(RunError, match="already holds a run"):
+        pf.train.fn(overrides=over, resume=False)
+    with pytest.raises(RunError, match="already holds a run"):
+        pf.pipeline.fn(overrides=over, resume=False)
+
+
+def test_flow_parameters_cannot_steer_paths_out_of_the_runs_folder(tmp_path):
+    """Issue 12 #3: flow parameters come from whoever reaches the server."""
+    over = {**tiny_overrides("r"), "train.runs_dir": str(tmp_path / "runs")}
+    with pytest.raises(ConfigError, match="train.run: must be one folder name"):
+        pf.resolve_config({**over, "train.run": "../../escape"})
+    with pytest.raises(ConfigError, match="run_dir: .* lies outside train.runs_dir"):
+        pf.evaluate.fn(overrides=over, run_dir=str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match="live_dir: .* lies outside train.runs_dir"):
+        pf.train.fn(overrides=over, live_dir=str(tmp_path / "live"))
+    with pytest.raises(ConfigError, match="params_file: .* is not a YAML params file"):
+        pf.resolve_config(over, params_file="/etc/passwd")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "live").exists()
+
+
+def test_tune_flow_resumes_a_study_from_its_name_alone(tmp_path, monkeypatch):
+    """diffenc-tune/default given only ``study`` continues it with the settings it stored (issue 12,
+    item 8): the flow's body runs here, its task inline, without a server."""
+    import optuna
+
+    from diffenc_core import config
+    from flows import tuning
+
+    monkeypatch.chdir(tmp_path)
+    sets = tiny("data.dataset=linear_gaussian", "data.count=2000", "tune.trial_steps=5", "tune.report_every=5",
+                "em.warmup_steps=2")
+    tuning.run_study(config.load(None, sets), study="pf", n_trials=1)
+    monkeypatch.setattr(pf, "tune_task", pf.tune_task.fn)
+    monkeypatch.setattr(pf, "publish", lambda *args, **kwargs: None)
+    summary = pf.tune.fn(study="pf", n_trials=2)  # the served defaults would be digits at full size
+    assert summary["trials finished"] == 2
+    study = optuna.load_study(study_name="pf", storage="sqlite:///runs/tune/pf.db")
+    assert len(study.trials) == 2 and study.user_attrs["n_trials"] == 2
+    second = config.load(Path(study.trials[1].user_attrs["run_path"], "params.yaml"))
+    assert second.em.warmup_steps == 2 and second.data.dataset == "linear_gaussian"
 
 
 def test_metrics_artifact_markdown():
@@ -336,6 +379,39 @@ def test_train_deployment_completes_and_resumes_a_killed_run(prefect):
     arts = prefect.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["diffenc-train-tiny"]}}})
     assert arts and str(run) in arts[0]["data"] and "| val_neg_elbo |" in arts[0]["data"]
     print(f"timings: {prefect.timings} until killed {t_kill:.1f}s, resumed run {time.monotonic() - t0 - t_kill:.1f}s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_serve_stops_within_seconds_while_the_server_hangs(prefect, sig):
+    """Issue 12 #5: `diffenc serve` once ignored SIGTERM and SIGINT for 25 s+ while the Prefect server
+    was stopping too. Here the server is frozen (SIGSTOP) while a second serve process gets the signal:
+    it must exit within its stop timeout, with status 128 + the signal."""
+    from flows import serve as serve_mod
+
+    name = f"serve-stop-{sig.name.lower()}"
+    proc = prefect.start(name, [sys.executable, "-m", "flows.serve", "--set", f"data.root={prefect.data}",
+                                "--set", f"train.runs_dir={prefect.runs}"])
+    log = prefect.root / f"{name}.log"
+    prefect.wait_for(name, lambda: "serving" in tail(log), 60, proc, log)
+    time.sleep(SERVE_SETTLE_S)  # the runner registers its deployments and starts polling
+    server = prefect.procs[0]
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=serve_mod.STOP_TIMEOUT_S + STOP_SLACK_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve still running {time.monotonic() - t0:.0f} s after {sig.name}:\n{tail(log)}")
+        took = time.monotonic() - t0
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    assert proc.returncode == 128 + sig, (proc.returncode, tail(log))
+    print(f"serve stopped {took:.1f} s after {sig.name} with the server frozen")
+
+
+SERVE_SETTLE_S = 3.0  # after "serving": time for the runner to register and poll once
+STOP_SLACK_S = 3.0  # beyond serve's own stop timeout: process exit and scheduling
 
 
 def test_bad_parameter_fails_with_the_message_and_writes_nothing(prefect):
@@ -393,7 +469,7 @@ def test_transient_errors_are_retried_and_user_errors_are_not(api, monkeypatch):
 
     calls: list[bool] = []
 
-    def flaky(cfg, resume=False, progress=True, on_log=None, on_validate=None):
+    def flaky(cfg, resume=False, **kwargs):
         calls.append(resume)
         if len(calls) == 1:
             raise OSError("flaky disk")

@@ -1,6 +1,7 @@
 """Optuna tuning (issue 6): pruning, resume, parallel workers, a killed worker, Pareto fronts,
-optuna-dashboard and search-space errors. Tiny budgets on a linear-Gaussian toy (about a second a
-trial); the whole file takes well under two minutes on one core.
+optuna-dashboard and search-space errors; `tune resume`, stored settings, exact export and uncut
+tables (issue 12); the worker pool's own tests are in test_tuning_pool.py. Tiny budgets on a
+linear-Gaussian toy (about a second a trial); the whole file takes well under two minutes on one core.
 """
 
 from __future__ import annotations
@@ -260,3 +261,77 @@ def test_storage_choices_and_show_errors(in_tmp):
     assert res.exit_code == 2 and "--study" in res.output
     res = CliRunner().invoke(app, ["tune", "--set", "tune.grace_period=2", "--set", "tune.heartbeat_interval=5"])
     assert res.exit_code == 2 and "tune.grace_period" in res.output
+
+
+def _sets(*sets: str) -> list[str]:
+    return sum((["--set", s] for s in sets), [])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys to leaves (the search space as one leaf)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and f"{prefix}{k}" != "tune.space":
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_resume_show_and_export_use_what_the_study_stored(in_tmp, monkeypatch):
+    """Issue 12, items 8 and 10: a study stores its settings; `tune resume` needs only its name,
+    `tune show` prints that line and uncut tables, `--export` reproduces a trial's configuration."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    runner = CliRunner()
+    started = tiny(*TOY, "tune.trial_steps=10", "tune.pruner=none", "em.warmup_steps=2")  # a --set the study keeps
+    res = runner.invoke(app, ["tune", "--study", "r", "--n-trials", "2", *_sets(*started)])
+    assert res.exit_code == 0, res.output
+    attrs = load("r").user_attrs
+    assert attrs["n_trials"] == 2 and attrs["objective"] == "neg_elbo"
+    assert set(attrs["space"]) == set(config.Config().tune.space)
+    assert attrs["config"] == config.load(None, [*started, "tune.study=r", "tune.n_trials=2"]).to_dict()
+
+    # no params.yaml, no --set: the export is still the best trial's own configuration
+    res = runner.invoke(app, ["tune", "show", "--study", "r", "--export", "best.yaml"])
+    assert res.exit_code == 0, res.output
+    best = load("r").best_trial
+    exported = _flat(yaml.safe_load(Path("best.yaml").read_text()))
+    trained = _flat(yaml.safe_load(Path(best.user_attrs["run_path"], runs.PARAMS).read_text()))
+    assert exported["em.warmup_steps"] == 2 and exported["train.steps"] == 20  # the full budget (tiny), not trial_steps
+    for key in tuning.MANAGED_KEYS:  # set per trial: its run name and folder, tune.trial_steps, val_every
+        exported.pop(key), trained.pop(key)
+    assert exported == trained
+    # the resume line, and every column of the top-trials table whole although stdout is not a terminal
+    assert "to resume it: diffenc tune resume --study r" in res.stdout
+    for column in ("alignment", "e_step", "encoder_updates", "langevin_steps", "persistent", "step_size",
+                   "target_accept", "beta", "lr_decoder", "lr_encoder"):
+        assert f" {column} " in res.stdout
+    assert "…" not in res.stdout and max(len(line) for line in res.stdout.splitlines()) > 80
+
+    # other settings are refused, naming the key; resume ignores params.yaml and continues as stored
+    res = runner.invoke(app, ["tune", "--study", "r", "--n-trials", "3", *_sets(*started, "em.warmup_steps=3")])
+    assert res.exit_code == 2 and "em.warmup_steps: 2 → 3" in res.stderr and "Traceback" not in res.output
+    Path("params.yaml").write_text(yaml.safe_dump({"em": {"warmup_steps": 7}, "tune": {"n_trials": 9}}))
+    res = runner.invoke(app, ["tune", "resume", "--study", "r"])
+    assert res.exit_code == 0, res.output
+    assert len(load("r").trials) == 2  # it had its target: nothing to run
+    res = runner.invoke(app, ["tune", "resume", "--study", "r", "--n-trials", "3"])
+    assert res.exit_code == 0, res.output
+    study = load("r")
+    assert finished(study) == 3 and len(study.trials) == 3 and study.user_attrs["n_trials"] == 3
+    third = config.load(Path(study.trials[2].user_attrs["run_path"], runs.PARAMS))
+    assert third.em.warmup_steps == 2 and third.data.dataset == "linear_gaussian" and third.train.steps == 10
+
+    # an unknown study and other mistakes: one line naming the culprit, exit 2, nothing changed
+    mistakes = [(["resume", "--study", "nope"], "nope"),
+                (["resume", "--study", "nope", "--storage", "runs/tune/r.db"], "nope"),
+                (["resume", "--study", "r", "--n-trials", "0"], "--n-trials"),
+                (["resume", "--study", "r", "--workers", "0"], "--workers"),
+                (["show", "--study", "r", "--export", "runs/tune"], "--export"),  # a folder
+                (["show", "--study", "r", "--export", "x.yaml", "--trial", "99"], "--trial")]
+    for args, culprit in mistakes:
+        res = runner.invoke(app, ["tune", *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1 and culprit in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.output
+    assert len(load("r").trials) == 3 and not Path("x.yaml").exists()
