@@ -29,7 +29,7 @@ def machine() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "diffenc_core"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
+                               text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     except OSError:
         commit, dirty = "unknown", ""
     return {

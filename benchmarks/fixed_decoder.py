@@ -155,10 +155,11 @@ def per_x_gaussian(decoder: torch.nn.Module, x: Tensor, z0: Tensor, log_px: Tens
         eps = torch.randn(k, *mean.shape, dtype=s.dtype)
         zq = mean + torch.einsum("nde,kne->knd", chol, eps)
         lq = std_normal_log_prob(eps) - torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        zq, lq = zq.float(), lq.float()
         with torch.no_grad():
-            lj = decoder.log_prob(x.expand(k, -1, -1).reshape(-1, x.shape[1]).double(),
+            lj = decoder.log_prob(x.expand(k, -1, -1).reshape(-1, x.shape[1]),
                                   zq.reshape(-1, d)).reshape(k, -1) + std_normal_log_prob(zq)
-        elbo = (lj - lq).mean(0).float()
+        elbo = (lj - lq).mean(0)
         gap = log_px - elbo
         lo, hi = metrics.bootstrap_mean_interval(gap)
         out[name] = {"elbo_nats": float(elbo.mean()), "elbo_gap_nats": float(gap.mean()), "elbo_gap_ci": [lo, hi]}

@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, table
 
-BENCHMARKS = ("posterior_fidelity", "rate_distortion", "speed")
+BENCHMARKS = ("headline", "fixed_decoder", "posterior_fidelity", "rate_distortion", "speed", "distributed")
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
@@ -65,13 +65,18 @@ def _num(v: Any, nd: int = 3) -> str:
     return f"{v:.{nd}g}" if isinstance(v, float) else str(v)
 
 
+def _interval(row: dict[str, Any], prefix: str) -> str:
+    lo, hi = row.get(f"{prefix}_ci_low_nats"), row.get(f"{prefix}_ci_high_nats")
+    return f"[{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else "–"
+
+
 def report_posterior(res: dict[str, Any]) -> list[str]:
     budget = (f"Training budget {res['budget_s_per_run']:g} s per encoder and toy (equal wall-clock). "
               if "budget_s_per_run" in res else f"Training: {res.get('steps')} steps per encoder (older script). ")
     out = [budget +
            "Gaps are `log p(x) − ELBO` over held-out x, nats: path-bound ELBO (ancestral sampler) and the "
-           "exact-`log q` ELBO (DPM++ flow through its Jacobian); raw Langevin's is a k-NN entropy estimate "
-           "(noisy, heavy-tailed).", ""]
+           "exact-`log q` ELBO (DPM++ flow through its Jacobian), with a 95 % bootstrap interval of the mean; "
+           f"{res.get('n_test', 'the')} test x. Raw Langevin's is a k-NN entropy estimate (noisy, heavy-tailed).", ""]
     rows = []
     for toy, row in res["toys"].items():
         for enc in ("diffusion", "vae", "raw_langevin"):
@@ -79,6 +84,7 @@ def report_posterior(res: dict[str, Any]) -> list[str]:
             rows.append({"toy": toy, "encoder": {"vae": "Gaussian (VAE)", "raw_langevin": "raw Langevin (100 MALA)"}
                          .get(enc, "diffusion (EM)"), "steps": r.get("train_steps"),
                          "gap mean": r.get("elbo_gap_mean_nats", r.get("elbo_gap_knn_mean_nats")),
+                         "95 % interval": _interval(r, "elbo_gap_mean"),
                          "gap median": r.get("elbo_gap_median_nats", r.get("elbo_gap_knn_median_nats")),
                          "exact-log-q gap mean": r.get("elbo_gap_exact_logq_mean_nats"),
                          "exact-log-q gap median": r.get("elbo_gap_exact_logq_median_nats"),
@@ -144,7 +150,7 @@ def report_speed(res: dict[str, Any]) -> list[str]:
         table(res["phases"], ["phase", "ms_per_batch", "examples_per_s", "x_vae_step"], 3), "",
         f"**Encoding cost vs quality** (encoders trained {m['train_budget_s']:g} s each: {m['train_steps']} steps; "
         "MSE of the decoder mean at the encoder's sample):", "",
-        table(res["sampling"], ["encoder", "sampler_steps", "nfe", "ms_per_1000", "mse"], 3), "",
+        table(res["sampling"], ["encoder", "sampler_steps", "nfe", "ms_per_1000", "x_vae_encode", "mse"], 3), "",
         "**Epoch cost vs training-set size and latent size** (seconds; the first epoch also draws every "
         "persistent chain from the encoder):", "",
         table(res["epoch_cost"], ["n_train", "latent_dim", "steps_per_epoch", "diffusion_first_epoch_s",
@@ -156,10 +162,89 @@ def report_speed(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def report_headline(res: dict[str, Any]) -> list[str]:
+    cols = ["dataset", "seed", "method", "budget", "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats",
+            "ais_log_px_nats", "ais_gap_nats", "elbo_base_only_nats", "mse_amortised", "train_seconds", "train_steps"]
+    return [
+        "The defaults of `params.yaml` (what `make demo` runs): the diffusion run's VAE phase is the VAE "
+        "baseline of the same seed, then EM with the decoder frozen. `equal wall-clock`: a VAE given the "
+        "diffusion run's whole training time, validated every 250 steps and scored at its best checkpoint. "
+        "`mirror`: a file dataset with two mirror-image posterior modes per x (not tuned for). Test x; nats; "
+        "`ais_gap_nats` = AIS log p(x) − ELBO on the same x; `elbo_base_only_nats` = the diffusion encoder's "
+        "Gaussian head alone.", "",
+        table(res["rows"], cols, 4), "", "**Diffusion − VAE at equal steps** (nats):", "",
+        table(res["differences"], list(res["differences"][0]), 3),
+    ]
+
+
+def report_fixed_decoder(res: dict[str, Any]) -> list[str]:
+    rows, stab = [], []
+    for dec, d in res["decoders"].items():
+        for enc, r in d["encoders"].items():
+            iw = next((k for k in r if k.startswith("iwae_") and k.endswith("_nats")), None)
+            rows.append({"decoder": dec, "encoder": enc, "ELBO": r["elbo_nats"], "IWAE": r.get(iw) if iw else None,
+                         "AIS − ELBO": r["elbo_gap_nats"],
+                         "95 % interval": "[{:.3g}, {:.3g}]".format(*r["elbo_gap_ci"]),
+                         "AIS − IWAE": r.get("iwae_gap_nats"), "steps": r.get("train_steps"),
+                         "train s": r.get("train_seconds")})
+        stab += [{"decoder": dec, **row} for row in d["ais_ladder"]]
+    return [
+        f"Digits, {res['n_test']} test x; each decoder frozen; AIS log p(x) with "
+        f"{next(iter(res['decoders'].values()))['ais_temperatures']} temperatures. Gaps are AIS − bound (nats), "
+        "mean with a 95 % bootstrap interval. The per-x Gaussian fits are not amortised: moment-matched to long "
+        "MALA chains for each test x, they show the Gaussian family's own gap (approximation), so an amortised "
+        "encoder's excess over them is its amortisation gap (Cremer et al., 2018).", "",
+        table(rows, list(rows[0]), 4), "", "**AIS stability** (mean log p(x) over the test x against the ladder "
+        "length; spread between two seeds):", "", table(stab, ["decoder", "temperatures", "ais_log_px_nats",
+                                                               "seed_spread_nats"], 4), "",
+        f"![fixed decoder](benchmarks/results/{res['plot']})",
+    ]
+
+
+def report_distributed(res: dict[str, Any]) -> list[str]:
+    size = res["settings"]["image_size"]
+    mem = res["memory"]
+    growth = res.get("memory_summary", {})
+    return [
+        f"Examples per second of a real `diffenc train` at batch {res['batch_size']} (training-step time from the "
+        f"run's history; the layouts take turns, median of {res['settings']['repeats']} run(s) each). digits: 8×8, "
+        "MLPs (cost per operation, not per example: half a batch costs most of a whole one); sprites: 16×16, conv "
+        "networks (cost in proportion to the batch). 2 processes: `diffenc train --nproc 2`, gloo, one thread "
+        "each.", "",
+        table(res["speed"], ["workload", "step", "layout", "examples_per_s", "speedup", "runs"], 3), "",
+        "**Time to a validation −ELBO**, 1 vs 2 processes (the target is the best value both runs reach; seconds of "
+        "training steps until the first validation at or below it; the runs differ in their random draws):", "",
+        table(res["time_to_elbo"], ["workload", "method", "processes", "target_val_neg_elbo", "reached_at_step",
+                                    "seconds", "speedup"], 4), "",
+        f"**Memory on {mem[0]['images']:,} sprites** ({size}×{size}, float32 array {mem[0]['array_mib']:.0f} MiB): "
+        "peak resident memory (VmHWM) of each job in a fresh process; *baseline*: that process after its imports, "
+        "before any data; 2 processes: the larger rank's peak (each reads its own half of the examples).", "",
+        table(mem, ["job", "images", "seconds", "peak_rss_mib", "baseline_mib", "above_baseline_mib",
+                    "above_baseline_over_array"], 3), "",
+        f"What grows with the data in `train`: {_num(growth.get('train_memory_growth_mib'))} MiB for 10× the images, "
+        f"{_num(growth.get('train_memory_growth_over_array_growth'))}× the float32 array's growth"
+        + (f" (one rank of 2: {_num(growth['rank_memory_growth_mib'])} MiB, "
+           f"{_num(growth['rank_memory_growth_over_array_growth'])}×)" if "rank_memory_growth_mib" in growth else "")
+        + "; the rest of a training's peak is the model, its activations and the allocator's cache (larger per "
+        "rank of 2: its share of a batch varies by a few examples from step to step, so freed activation blocks fit "
+        "less often).", "",
+        "**Epoch time against the dataset size** (per-step cost × steps per epoch):", "",
+        table(res["epochs"], ["method", "dataset", "n_train", "seconds_per_step", "seconds_per_epoch",
+                              "epoch_ratio"], 3),
+    ]
+
+
 def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for stem, res in results.items():
-        if stem.startswith("rate_distortion"):
+        if stem.startswith("headline"):
+            for w in res["differences"]:
+                out.append(f"- **{w['dataset']}, seed {w['seed']}** ({stem}): diffusion − VAE at equal steps: ELBO "
+                           f"{w['elbo_nats (diffusion − VAE)']:+.2f}, exact-log-q ELBO "
+                           f"{w['elbo_exact_logq_nats (diffusion − VAE)']:+.2f}, IWAE-32 "
+                           f"{w['iwae_32_nats (diffusion − VAE)']:+.2f}, AIS log p(x) "
+                           f"{w['ais_log_px_nats (diffusion − VAE)']:+.2f} nats.")
+        elif stem.startswith("rate_distortion"):
             for name, d in res["datasets"].items():
                 by = {m: [r for r in d["runs"] if r["method"] == m] for m in ("diffusion", "vae")}
                 best = {m: max((r["elbo_nats"] for r in rs), default=float("nan")) for m, rs in by.items()}
@@ -181,12 +266,14 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
             em = next(r for k, r in ph.items() if k.startswith("EM step total"))
             enc = {(r["encoder"], r["sampler_steps"]): r for r in res["sampling"]}
             vae = enc.get(("VAE (Gaussian)", 1), {})
+            d2 = enc.get(("diffusion ancestral", 2), {})
             d10 = enc.get(("diffusion dpmpp2m", 10), {})
             out.append(f"- **speed** ({stem}): an EM step costs {em['x_vae_step']:.1f}× a VAE step "
                        f"({em['ms_per_batch']:.0f} vs {ph['VAE step']['ms_per_batch']:.0f} ms per batch of "
-                       f"{res['batch_size']}); encoding 1000 examples with 10 DPM++ steps takes "
-                       f"{_num(d10.get('ms_per_1000'))} ms vs {_num(vae.get('ms_per_1000'))} ms for the VAE "
-                       f"({_num(d10.get('ms_per_1000', float('nan')) / vae.get('ms_per_1000', float('nan')))}×).")
+                       f"{res['batch_size']}); encoding 1000 examples with the default 2 ancestral steps takes "
+                       f"{_num(d2.get('ms_per_1000'))} ms ({_num(d2.get('x_vae_encode'))}× the VAE's "
+                       f"{_num(vae.get('ms_per_1000'))} ms) at MSE {_num(d2.get('mse'))} vs the VAE's "
+                       f"{_num(vae.get('mse'))}; 10 DPM++ steps {_num(d10.get('x_vae_encode'))}×.")
         elif stem.startswith("posterior_fidelity"):
             bi = res["toys"].get("bimodal", {})
             lg = res["toys"].get("linear_gaussian", {})
@@ -207,14 +294,26 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
             budget = (f"{res['budget_s_per_run']:g} s/encoder" if "budget_s_per_run" in res
                       else f"{res.get('steps')} steps")
             out.append(f"- **posterior fidelity** ({stem}, {budget}): " + "; ".join(parts))
+        elif stem.startswith("distributed"):
+            two = {(r["workload"], r["step"]): r["speedup"] for r in res["speed"] if r["processes"] == 2}
+            prep = max(r["above_baseline_over_array"] for r in res["memory"] if r["job"].startswith("prepare"))
+            grows = res.get("memory_summary", {}).get("train_memory_growth_over_array_growth")
+            ratios = [r["epoch_ratio"] for r in res["epochs"] if "epoch_ratio" in r]
+            out.append(f"- **several processes** ({stem}): 2 processes vs 1 on 2 cores: EM step "
+                       f"×{_num(two.get(('digits', 'EM step')))} on digits, ×{_num(two.get(('sprites', 'EM step')))} "
+                       f"on sprites; VAE step ×{_num(two.get(('digits', 'VAE step')))} / "
+                       f"×{_num(two.get(('sprites', 'VAE step')))} (load average {_la(res.get('load_average_start'))} "
+                       f"at start). 60 000 images: `prepare` ≤ {_num(prep)}× the float32 array above the process "
+                       f"baseline; `train` grows {_num(grows)}× the array's growth; 10× the images, "
+                       f"×{' / ×'.join(_num(r) for r in ratios)} the epoch time (VAE / EM).")
     return out
 
 
 NOTES = [
-    "- The diffusion encoder's E-step warm-up (`em.warmup_steps` = 200 steps of 60 MALA steps) costs about "
-    "twice a steady EM step. On sprites (16×16, conv encoders) the 90 s budget buys ~150 EM steps, fewer "
-    "than the warm-up: the sprites diffusion numbers are far from converged, a statement about cost more "
-    "than quality.",
+    "- A diffusion run spends its first `em.vae_steps` (2000) on its VAE phase (a VAE step's cost), then EM; "
+    "EM's first `em.warmup_steps` (20) run 60 MALA steps instead of 10. Under a wall-clock budget the VAE "
+    "phase takes a few seconds of it. On sprites (16×16, conv encoders) a 90 s budget buys few EM steps: the "
+    "sprites diffusion numbers are far from converged, a statement about cost more than quality.",
     "- The path bound with the exact score has a per-example standard deviation of a few nats, so its mean "
     "over 200 x carries ~0.15–0.3 nats of noise; the estimator table uses 10 draws per x.",
     "- Digits has 1 437 training images: in 60 s the VAE makes ~10 000 steps (~900 epochs) and overfits, "
@@ -228,9 +327,12 @@ NOTES = [
 ]
 
 
-SECTIONS = {"posterior_fidelity": ("Posterior fidelity (toys with a known decoder)", report_posterior),
+SECTIONS = {"headline": ("Diffusion encoder vs VAE: the defaults, equal steps and equal wall-clock", report_headline),
+            "fixed_decoder": ("Encoders on a fixed decoder (amortised inference)", report_fixed_decoder),
+            "posterior_fidelity": ("Posterior fidelity (toys with a known decoder)", report_posterior),
             "rate_distortion": ("Rate–distortion against the VAE", report_rd),
-            "speed": ("Speed and scaling", report_speed)}
+            "speed": ("Speed and scaling", report_speed),
+            "distributed": ("Several processes (torch.distributed) and 60 000-image datasets", report_distributed)}
 
 
 def write_report(walls: dict[str, float | None] | None = None) -> Path:

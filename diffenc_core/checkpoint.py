@@ -65,8 +65,28 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
+    return _parse(p, p, map_location)
+
+
+def read(path: str | Path) -> bytes:
+    """A checkpoint's bytes, unparsed: rank 0 of a job reads the file once and sends them to every rank."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
     try:
-        body = torch.load(p, map_location=map_location, weights_only=True)
+        return p.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{p}: cannot be read ({err.strerror})") from None
+
+
+def loads(blob: bytes, path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Parse the bytes :func:`read` returned for ``path`` (named in errors), checked as :func:`load` does."""
+    return _parse(io.BytesIO(blob), Path(path), map_location)
+
+
+def _parse(source: Path | io.BytesIO, p: Path, map_location: str | torch.device) -> dict[str, Any]:
+    try:
+        body = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"{p}: not a readable diffenc checkpoint ({err.__class__.__name__}); "

@@ -172,6 +172,11 @@ class TrainConfig(_Section):
     seed: int = 0
     threads: int = Field(1, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # data-parallel processes `diffenc train` starts on this machine (torch.distributed; one per core
+    # or GPU); inside a torchrun job the job's own world size counts instead
+    nproc: int = Field(1, ge=1)
+    # seconds a process waits in a collective for the others before the job fails (a hung or lost peer)
+    dist_timeout_s: float = Field(600.0, gt=0.0)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     val_every: int = Field(500, ge=1)
@@ -226,8 +231,9 @@ class EMConfig(_Section):
     # the M-step's latents: frozen (no decoder update), zstar (the paper's, on the E-step's z*),
     # encoder (the ELBO's decoder gradient, z ~ q_phi(z|x)), head (z from the Gaussian head)
     m_step: Literal["frozen", "zstar", "encoder", "head"] = "frozen"
-    # the Gaussian head: nll (fitted to z*, forward KL) or elbo (the reparameterised ELBO)
-    head_loss: Literal["nll", "elbo"] = "nll"
+    # the Gaussian head: elbo (the reparameterised ELBO through the decoder, a reverse KL) or nll
+    # (fitted to z*, a forward KL); nothing to fit without a head (model.encoder.base none)
+    head_loss: Literal["elbo", "nll"] = "elbo"
 
     @model_validator(mode="after")
     def _check(self) -> EMConfig:
@@ -345,7 +351,6 @@ class Config(_Section):
             return self
         uses_head = {
             "train.warm_start": self.train.warm_start is not None,
-            "em.head_loss 'elbo'": self.em.head_loss == "elbo",
             "em.m_step 'head'": self.em.m_step == "head",
         }
         if any(uses_head.values()):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -34,6 +35,10 @@ FEATURES = "x"
 LABEL = "label"
 FACTOR_PREFIX = "factor_"
 SPRITE_SHAPES = ("square", "ellipse", "heart")
+SPRITE_CHUNK = 256  # sprites drawn per vectorised batch: its temporaries are the memory beyond the images
+ROWS_PER_GROUP = 4096
+"""Rows per Parquet row group written, and per batch read or checked: memory beyond the float32 array of a
+dataset stays this many rows, so a 60 000-image dataset is prepared and loaded in about its own size."""
 
 
 @dataclass
@@ -92,8 +97,8 @@ def sprites(count: int, size: int, seed: int) -> Arrays:
     gy, gx = np.meshgrid(coords, coords, indexing="ij")
     images = np.empty((count, size, size), dtype=np.float32)
     radius = 0.18  # half-width of a unit-scale sprite, as a fraction of the canvas
-    for start in range(0, count, 512):
-        sl = slice(start, min(start + 512, count))
+    for start in range(0, count, SPRITE_CHUNK):
+        sl = slice(start, min(start + SPRITE_CHUNK, count))
         dx = gx[None] - pos_x[sl, None, None]
         dy = gy[None] - pos_y[sl, None, None]
         c, s = np.cos(rotation[sl])[:, None, None], np.sin(rotation[sl])[:, None, None]
@@ -152,11 +157,17 @@ def _check_array(x: np.ndarray, where: str) -> np.ndarray:
         raise DataError(f"{where}: expected one row per example (2-D or image stack), got shape {x.shape}")
     if x.shape[0] < MIN_ROWS:
         raise DataError(f"{where}: only {x.shape[0]} rows; at least {MIN_ROWS} are needed")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=tuple(range(1, x.ndim))).sum())
+    x = x.astype(np.float32, copy=False)
+    bad = _non_finite_rows(x.reshape(x.shape[0], -1))
+    if bad:
         raise DataError(f"{where}: {bad} rows contain NaN or infinite values")
     return x
+
+
+def _non_finite_rows(x: np.ndarray) -> int:
+    """Rows of ``x`` (N, D) with a NaN or infinity, checked a row group at a time (no full-size mask)."""
+    groups = range(0, len(x), ROWS_PER_GROUP)
+    return sum(int((~np.isfinite(x[i : i + ROWS_PER_GROUP])).any(axis=1).sum()) for i in groups)
 
 
 def _image_shape(x: np.ndarray) -> tuple[int, int, int] | None:
@@ -178,29 +189,77 @@ def _from_array(x: np.ndarray, label: np.ndarray | None, where: str) -> Arrays:
     return Arrays(x=x.reshape(x.shape[0], -1), label=label, image_shape=shape)
 
 
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
 def _read_parquet_file(path: Path) -> Arrays:
+    """A user's Parquet file: a ``x`` column of equal-length numeric lists (e.g. flattened images) or
+    numeric columns, and an optional integer ``label``; read a row group at a time into one
+    preallocated float32 array (no per-row Python objects)."""
     try:
-        df = pd.read_parquet(path)
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        n = pf.metadata.num_rows
+        index_columns = {c for c in ((schema.pandas_metadata or {}).get("index_columns") or []) if isinstance(c, str)}
+        label = _parquet_label(pf, path) if LABEL in schema.names else None
+        if FEATURES in schema.names:
+            x = _parquet_lists(pf, path, n)
+        else:
+            columns = [c for c in schema.names if c != LABEL and c not in index_columns]
+            non_numeric = [c for c in columns if not _numeric(schema.field(c).type)]
+            if non_numeric:
+                raise DataError(
+                    f"{path}: non-numeric columns {non_numeric}; expected numbers or a '{FEATURES}' list column"
+                )
+            if not columns:
+                raise DataError(f"{path}: no feature columns")
+            x = np.empty((n, len(columns)), dtype=np.float32)
+            row = 0
+            for batch in pf.iter_batches(batch_size=ROWS_PER_GROUP, columns=columns):
+                for j in range(batch.num_columns):  # a missing value reads as NaN, reported as such below
+                    x[row : row + batch.num_rows, j] = batch.column(j).cast(pa.float32()).to_numpy(zero_copy_only=False)
+                row += batch.num_rows
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"{path}: not a readable Parquet file ({err.__class__.__name__})") from None
-    label = df.pop(LABEL).to_numpy() if LABEL in df.columns else None
-    if FEATURES in df.columns:
-        try:
-            x = np.stack([np.asarray(v, dtype=np.float32) for v in df[FEATURES]])
-        except (ValueError, TypeError):
-            raise DataError(f"{path}: column '{FEATURES}' must hold equal-length numeric lists") from None
-    else:
-        non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-        if non_numeric:
-            raise DataError(
-                f"{path}: non-numeric columns {non_numeric}; expected numbers or a '{FEATURES}' list column"
-            )
-        if df.shape[1] == 0:
-            raise DataError(f"{path}: no feature columns")
-        x = df.to_numpy()
-    if label is not None and (pd.isna(label).any() or not np.issubdtype(np.asarray(label).dtype, np.integer)):
-        raise DataError(f"{path}: column '{LABEL}' must hold integers without gaps, got dtype {label.dtype}")
     return _from_array(x, label, str(path))
+
+
+def _parquet_label(pf: pq.ParquetFile, path: Path) -> np.ndarray:
+    col = pf.read(columns=[LABEL]).column(LABEL)
+    if col.null_count or not pa.types.is_integer(col.type):
+        dtype = np.dtype(col.type.to_pandas_dtype()).name
+        raise DataError(f"{path}: column '{LABEL}' must hold integers without gaps, got dtype {dtype}")
+    return col.to_numpy()
+
+
+def _parquet_lists(pf: pq.ParquetFile, path: Path, n: int) -> np.ndarray:
+    """The ``x`` list column as an (N, D) float32 array, filled one row group at a time."""
+    bad = DataError(f"{path}: column '{FEATURES}' must hold equal-length numeric lists")
+    kind = pf.schema_arrow.field(FEATURES).type
+    list_kind = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    if not list_kind or not _numeric(kind.value_type):
+        raise bad
+    x: np.ndarray | None = None
+    row = 0
+    for batch in pf.iter_batches(batch_size=ROWS_PER_GROUP, columns=[FEATURES]):
+        col = batch.column(0)
+        if col.null_count:
+            raise bad
+        lengths = np.unique(pc.list_value_length(col).to_numpy(zero_copy_only=False))
+        if x is None and len(lengths):
+            x = np.empty((n, int(lengths[0])), dtype=np.float32)
+        if len(lengths) > 1 or (x is not None and len(lengths) and lengths[0] != x.shape[1]):
+            raise bad
+        values = col.flatten().cast(pa.float32()).to_numpy(zero_copy_only=False)
+        if x is not None:
+            x[row : row + len(col)] = values.reshape(len(col), x.shape[1])
+        row += len(col)
+    if x is None:
+        raise DataError(f"{path}: no rows")
+    return x
 
 
 def _read_numpy_file(path: Path) -> Arrays:
@@ -220,26 +279,36 @@ def _read_numpy_file(path: Path) -> Arrays:
         raise DataError(f"{path}: not a readable NumPy file ({err.__class__.__name__}: {err})") from None
 
 
-def _read_png_folder(path: Path) -> Arrays:
+def _read_png(p: Path) -> np.ndarray:
+    """One image in grey levels in [0, 1], float32."""
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError):
+        raise DataError(f"{p}: not a readable PNG image") from None
+
+
+def _read_png_folder(path: Path) -> Arrays:
+    """A folder of equal-size PNG images (sub-folders name classes), read into one preallocated array."""
     files = sorted(p for p in path.rglob("*.png") if p.is_file())
     if len(files) < MIN_ROWS:
         raise DataError(f"{path}: found {len(files)} PNG images; at least {MIN_ROWS} are needed")
     classes = sorted({p.parent.name for p in files if p.parent != path})
-    images, labels = [], []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError):
-            raise DataError(f"{p}: not a readable PNG image") from None
-        if images and arr.shape != images[0].shape:
-            raise DataError(f"{p}: size {arr.shape[::-1]} differs from {images[0].shape[::-1]} of {files[0]}")
-        images.append(arr)
-        labels.append(classes.index(p.parent.name) if p.parent != path and classes else -1)
-    label = np.asarray(labels, dtype=np.int64) if classes and min(labels) >= 0 else None
-    arrays = _from_array(np.stack(images), label, str(path))
+    class_of = {name: i for i, name in enumerate(classes)}
+    first = _read_png(files[0])
+    images = np.empty((len(files), *first.shape), dtype=np.float32)
+    labels = np.full(len(files), -1, dtype=np.int64)
+    for i, p in enumerate(files):
+        arr = first if i == 0 else _read_png(p)
+        if arr.shape != first.shape:
+            raise DataError(f"{p}: size {arr.shape[::-1]} differs from {first.shape[::-1]} of {files[0]}")
+        images[i] = arr
+        if p.parent != path:
+            labels[i] = class_of[p.parent.name]
+    label = labels if classes and labels.min() >= 0 else None
+    arrays = _from_array(images, label, str(path))
     if classes:
         arrays.extra["classes"] = classes
     return arrays
@@ -288,12 +357,13 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     }
 
 
-def to_table(arrays: Arrays, idx: np.ndarray) -> pa.Table:
-    """The checked schema: ``index``, ``x`` (fixed-size list<float32>), optional label and factors."""
+def to_table(arrays: Arrays, idx: np.ndarray, start: int = 0) -> pa.Table:
+    """The checked schema: ``index``, ``x`` (fixed-size list<float32>), optional label and factors;
+    rows ``idx`` of ``arrays``, the ``start``-th row of their split onwards."""
     x = arrays.x[idx]
     flat = pa.array(x.reshape(-1), type=pa.float32())
     cols: dict[str, pa.Array] = {
-        "index": pa.array(np.arange(len(idx), dtype=np.int64)),
+        "index": pa.array(np.arange(start, start + len(idx), dtype=np.int64)),
         "source_row": pa.array(idx.astype(np.int64)),
         FEATURES: pa.FixedSizeListArray.from_arrays(flat, x.shape[1]),
     }
@@ -302,6 +372,19 @@ def to_table(arrays: Arrays, idx: np.ndarray) -> pa.Table:
     for name, values in arrays.factors.items():
         cols[FACTOR_PREFIX + name] = pa.array(values[idx].astype(np.float32))
     return pa.table(cols)
+
+
+def _write_split(arrays: Arrays, idx: np.ndarray, path: Path) -> None:
+    """Rows ``idx`` of ``arrays`` as a Parquet file, a row group at a time."""
+    writer: pq.ParquetWriter | None = None
+    try:
+        for start in range(0, len(idx), ROWS_PER_GROUP):
+            table = to_table(arrays, idx[start : start + ROWS_PER_GROUP], start)
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _sha256(path: Path) -> str:
@@ -347,7 +430,7 @@ def prepare(cfg: DataConfig) -> Path:
             hashes = {}
             for split, idx in parts.items():
                 path = tmp / f"{split}.parquet"
-                pq.write_table(to_table(arrays, idx), path)
+                _write_split(arrays, idx, path)
                 hashes[f"{split}.parquet"] = _sha256(path)
             manifest = {
                 "dataset": cfg.dataset,
@@ -391,30 +474,46 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_split(prepared_dir: str | Path, split: str) -> Split:
-    """Read one split, checking its schema against the manifest."""
+def load_split(prepared_dir: str | Path, split: str, shard: tuple[int, int] | None = None) -> Split:
+    """Read one split, checking its schema against the manifest; with ``shard = (rank, size)`` only
+    rows ``rank, rank + size, ...`` (a rank of a training job holds its own examples alone)."""
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}'; expected one of {SPLITS}")
     manifest = read_manifest(prepared_dir)
     path = Path(prepared_dir) / f"{split}.parquet"
     if not path.is_file():
         raise DataError(f"{path}: missing (re-run `diffenc prepare`)")
+    dim = manifest["x_dim"]
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if FEATURES not in names:
+            raise DataError(f"{path}: no '{FEATURES}' column")
+        kind = pf.schema_arrow.field(FEATURES).type
+        if not pa.types.is_fixed_size_list(kind) or kind.list_size != dim:
+            raise DataError(f"{path}: column '{FEATURES}' must be fixed_size_list<float32>[{dim}], got {kind}")
+        rank, size = shard or (0, 1)
+        n = pf.metadata.num_rows
+        x = torch.empty((len(range(rank, n, size)), dim), dtype=torch.float32)  # filled a row group at a time
+        rows = x.numpy()
+        row = 0
+        for batch in pf.iter_batches(batch_size=ROWS_PER_GROUP, columns=[FEATURES]):
+            col = batch.column(0)
+            first = (rank - row) % size  # this batch's first row of the shard
+            mine = col.slice(first)[::size] if size > 1 else col
+            at = len(range(rank, row, size))
+            rows[at : at + len(mine)] = mine.flatten().to_numpy(zero_copy_only=False).reshape(len(mine), dim)
+            row += len(col)
+        table = pf.read(columns=[c for c in names if c != FEATURES])[rank::size]
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"{path}: not a readable Parquet file ({err.__class__.__name__})") from None
-    if FEATURES not in table.column_names:
-        raise DataError(f"{path}: no '{FEATURES}' column")
-    col = table.column(FEATURES).combine_chunks()
-    dim = manifest["x_dim"]
-    if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != dim:
-        raise DataError(f"{path}: column '{FEATURES}' must be fixed_size_list<float32>[{dim}], got {col.type}")
-    x = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
-    if not np.isfinite(x).all():
+    if _non_finite_rows(rows):
         raise DataError(f"{path}: contains NaN or infinite features")
     label = table.column(LABEL).to_numpy() if LABEL in table.column_names else None
     factors = pd.DataFrame(
         {c[len(FACTOR_PREFIX) :]: table.column(c).to_numpy() for c in table.column_names if c.startswith(FACTOR_PREFIX)}
     )
     shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
-    return Split(x=torch.from_numpy(x.copy()), label=label, factors=factors, image_shape=shape, manifest=manifest)
+    return Split(x=x, label=label, factors=factors, image_shape=shape, manifest=manifest)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import Config
+from diffenc_core.distributed import LossModule, weighted
 from diffenc_core.encoder import DiffusionEncoder
 from diffenc_core.langevin import e_step
 from diffenc_core.networks import build_decoder
 from diffenc_core.smc import tempered_smc
-from diffenc_core.vae import gaussian_kl
+from diffenc_core.vae import gaussian_kl, reparameterised_elbo
 
 
 @contextmanager
@@ -49,6 +50,8 @@ class DiffusionEM(nn.Module):
     """Diffusion encoder + decoder + the E-step state of every training example."""
 
     name = "diffusion"
+    PER_EXAMPLE = ("chains", "has_chain", "log_step")
+    """Buffers with one row per training example: sharded over processes, gathered for checkpoints."""
 
     def __init__(
         self,
@@ -78,6 +81,18 @@ class DiffusionEM(nn.Module):
         self.ema: DiffusionEncoder | None = None
         if cfg.train.ema > 0:
             self.ema = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.loss_scale = 1.0  # this process's share of the global batch (the trainer sets it; 1 alone)
+        # each loss with exactly the modules it trains (what DDP wraps); a plain dict, so the state
+        # dict keeps its keys
+        self.losses: dict[str, nn.Module] = {"encoder": LossModule(self.encoder_loss, encoder=self.encoder)}
+        if self.encoder.head is not None:
+            self.losses["vae"] = LossModule(self._vae_elbo, head=self.encoder.head, decoder=self.decoder)
+        if self.opt_decoder is not None:
+            self.losses["decoder"] = LossModule(self._decoder_nll, decoder=self.decoder)
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route every loss through ``wrap`` (DistributedDataParallel when several processes train)."""
+        self.losses = {name: wrap(module) for name, module in self.losses.items()}
 
     def attach_data(self, x_train: Tensor) -> None:
         """The training examples the chains belong to (row ``i`` of ``x_train`` owns chain ``i``):
@@ -161,7 +176,7 @@ class DiffusionEM(nn.Module):
     # ------------------------------------------------------------------------ the updates
     def _update(self, opt: torch.optim.Optimizer, params: Any, loss: Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted(loss, self.loss_scale).backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, self.grad_clip)
         opt.step()
@@ -185,21 +200,24 @@ class DiffusionEM(nn.Module):
         """The VAE phase: head and decoder by the reparameterised ELBO, exactly the baseline's loss."""
         head = self.encoder.head
         assert head is not None, "config validation guarantees a head for the VAE phase"
-        mu, log_std = head(x)
-        z = mu + log_std.exp() * torch.randn_like(mu)
-        rec = -self.decoder.log_prob(x, z)
-        kl = gaussian_kl(mu, log_std)
-        loss = (rec + self.beta * kl).mean()
+        loss, rec, kl = self.losses["vae"](x)
         opts = self.optimizers()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted(loss, self.loss_scale).backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_([*head.parameters(), *self.decoder.parameters()], self.grad_clip)
         for opt in opts:
             opt.step()
         return {"loss_vae": loss.item(), "recon_nll": rec.mean().item(), "rate": kl.mean().item(),
                 "sigma_x": self.decoder.sigma().item()}
+
+    def _vae_elbo(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        assert self.encoder.head is not None
+        return reparameterised_elbo(self.encoder.head, self.decoder, x, self.beta)
+
+    def _decoder_nll(self, x: Tensor, z: Tensor) -> Tensor:
+        return -self.decoder.log_prob(x, z).mean()
 
     def start_em(self) -> None:
         """The switch from the VAE phase to EM: fresh optimiser moments for the new losses, and the
@@ -219,10 +237,9 @@ class DiffusionEM(nn.Module):
 
     def encoder_loss(self, x: Tensor, z_star: Tensor) -> Tensor:
         """Denoising on ``(x, z*)``; the head by the NLL of ``z*`` or by the reparameterised ELBO."""
-        if self.em.head_loss == "nll":
-            return self.encoder.loss(x, z_star)
         head = self.encoder.head
-        assert head is not None
+        if self.em.head_loss == "nll" or head is None:
+            return self.encoder.loss(x, z_star)
         mu, log_std = head(x)
         z = mu + log_std.exp() * torch.randn_like(mu)
         with frozen(self.decoder):  # the decoder learns only in the M-step
@@ -244,14 +261,14 @@ class DiffusionEM(nn.Module):
         z_star, stats = self.e_step(step, idx, x)
         for i in range(self.em.encoder_updates):
             pairs = self.replay_batch(x.shape[0]) if i > 0 else None
-            loss_enc = self.encoder_loss(*(pairs if pairs is not None else (x, z_star)))
+            loss_enc = self.losses["encoder"](*(pairs if pairs is not None else (x, z_star)))
             self._update(self.opt_encoder, self.encoder.parameters(), loss_enc)
         updates = self.em.decoder_updates if self.updates_decoder else 0
         if updates == 0:
             with torch.no_grad():
                 loss_dec = -self.decoder.log_prob(x, z_star).mean()
         for _ in range(updates):
-            loss_dec = -self.decoder.log_prob(x, self.m_step_latents(x, z_star)).mean()
+            loss_dec = self.losses["decoder"](x, self.m_step_latents(x, z_star))
             self._update(self.opt_decoder, self.decoder.parameters(), loss_dec)
         if self.ema is not None:
             with torch.no_grad():

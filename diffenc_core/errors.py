@@ -37,6 +37,23 @@ class StorageError(DiffencError):
     """A file or folder that cannot be written: read-only, full, no permission, a file in the way."""
 
 
+class JobError(RuntimeError):
+    """A training job of several processes failed for a reason that is not a user mistake (a process
+    died, was killed or hung): one line, exit status ``exit_code``."""
+
+    exit_code = 1
+
+
+class PeerStopped(Exception):  # noqa: N818 - a way of stopping, like StopIteration
+    """This process of a job stops because the job does: another process failed and reports it, or
+    every process hit the same error and rank 0 reports it. Nothing to print; exit with ``exit_code``."""
+
+    def __init__(self, exit_code: int, reason: str):
+        super().__init__(reason)
+        self.exit_code = exit_code
+        self.reason = reason
+
+
 # A write that fails for one of these reasons is the user's to fix (a read-only or full disk, a
 # file where a folder belongs), so it is a StorageError; any other OSError stays one (transient).
 USER_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,

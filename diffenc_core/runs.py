@@ -37,7 +37,9 @@ POSTERIOR = "posterior.parquet"  # encoder vs exact posterior samples; empty wit
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
 LIVE = "live"  # the DVC stages' dvclive folder (``diffenc train --live runs/<name>/live``)
-RUN_ENTRIES = frozenset({STATUS, PARAMS, HISTORY, METRICS, RECON, LATENTS, POSTERIOR, PLOTS, CHECKPOINTS, LIVE})
+STOP_REQUEST = "stop-request"  # ``diffenc train --nproc`` asks its processes to stop (a pruner's decision)
+RUN_ENTRIES = frozenset({STATUS, PARAMS, HISTORY, METRICS, RECON, LATENTS, POSTERIOR, PLOTS, CHECKPOINTS, LIVE,
+                         STOP_REQUEST})
 """Everything a run directory may hold (besides atomic-write leftovers): what replacing a run removes."""
 KEPT_ENTRIES = frozenset({".gitignore"})  # DVC's list of the outputs it tracks here: kept when a run is replaced
 

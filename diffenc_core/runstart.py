@@ -27,10 +27,10 @@ from diffenc_core.errors import CheckpointError, ConfigError, RunError
 
 Start = Literal["new", "resume", "overwrite"]
 
-RESUME_IGNORES = ("train.steps", "train.time_budget_s", "train.threads", "train.device", "train.run",
-                  "train.runs_dir", "data.root", "eval.", "tune.")
-"""Keys that may differ between a run and its resume: the budget, threads, device, the run's and the
-prepared data's location, and what evaluation or tuning do (entries ending in a dot are sections)."""
+RESUME_IGNORES = ("train.steps", "train.time_budget_s", "train.threads", "train.device", "train.nproc",
+                  "train.dist_timeout_s", "train.run", "train.runs_dir", "data.root", "eval.", "tune.")
+"""Keys that may differ between a run and its resume: the budget, threads, device, processes, the run's and
+the prepared data's location, and what evaluation or tuning do (entries ending in a dot are sections)."""
 
 SHOWN_CHANGES = 6  # changed keys named in one message; the rest are counted
 LAST = "last.pt"

@@ -6,12 +6,14 @@ Loss per example: ``-E_q log p(x|z) + beta * KL(N(mu, std^2) || N(0, I))`` by re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import Config
+from diffenc_core.distributed import LossModule, weighted
 from diffenc_core.networks import GaussianEncoderNet, build_decoder, conv_shape
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -24,6 +26,18 @@ def gaussian_kl(mu: Tensor, log_std: Tensor) -> Tensor:
 
 def gaussian_log_q(z: Tensor, mu: Tensor, log_std: Tensor) -> Tensor:
     return (-0.5 * ((z - mu) / log_std.exp()).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+def reparameterised_elbo(
+    encoder: nn.Module, decoder: nn.Module, x: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, rec, kl)``: the batch mean of ``-log p(x|z) + beta KL`` with ``z`` reparameterised, and
+    its per-example parts (detached). The baseline's loss, and a diffusion run's VAE phase."""
+    mu, log_std = encoder(x)
+    z = mu + log_std.exp() * torch.randn_like(mu)
+    rec = -decoder.log_prob(x, z)
+    kl = gaussian_kl(mu, log_std)
+    return (rec + beta * kl).mean(), rec.detach(), kl.detach()
 
 
 class GaussianVAE(nn.Module):
@@ -51,20 +65,26 @@ class GaussianVAE(nn.Module):
                 {"params": self.decoder.parameters(), "lr": cfg.train.lr_decoder},
             ]
         )
+        self.loss_scale = 1.0  # this process's share of the global batch (the trainer sets it; 1 alone)
+        # a plain dict, not a submodule: the state dict keeps its keys
+        self.losses: dict[str, nn.Module] = {"vae": LossModule(self._elbo, encoder=self.encoder, decoder=self.decoder)}
 
     # -- training
+    def _elbo(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return reparameterised_elbo(self.encoder, self.decoder, x, self.beta)
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route the loss through ``wrap`` (DistributedDataParallel when several processes train)."""
+        self.losses = {name: wrap(module) for name, module in self.losses.items()}
+
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
-        mu, log_std = self.encoder(x)
-        z = mu + log_std.exp() * torch.randn_like(mu)
-        rec = -self.decoder.log_prob(x, z)
-        kl = gaussian_kl(mu, log_std)
-        loss = (rec + self.beta * kl).mean()
+        loss, rec, kl = self.losses["vae"](x)
         return loss, {"loss_vae": loss.item(), "recon_nll": rec.mean().item(), "rate": kl.mean().item()}
 
     def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
         loss, stats = self.loss(x)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted(loss, self.loss_scale).backward()
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
         self.optimizer.step()

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from diffenc_core import config as config_mod
-from diffenc_core.errors import DiffencError
+from diffenc_core.errors import DiffencError, JobError, PeerStopped
 from flows import dispatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -26,6 +26,7 @@ err_console = Console(stderr=True)
 console = Console(soft_wrap=True)  # a long run path stays one line in a log file (not cut at 80 columns)
 
 SIGINT_EXIT = 130  # 128 + SIGINT, the shell's status for a process stopped by Ctrl-C
+USER_ERROR_EXIT = 2
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
 SetOpt = Annotated[
@@ -34,19 +35,39 @@ SetOpt = Annotated[
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a DiffencError into one red line on stderr and exit status 2."""
+    """Turn a DiffencError into one red line on stderr and exit status 2 (a failed job of several
+    processes: one line, its own status; a process that stops because another failed: no line)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except DiffencError as err:
-            from rich.markup import escape
-
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+        except PeerStopped as stopped:  # another process of the job reports what happened
+            raise typer.Exit(stopped.exit_code) from None
+        except (DiffencError, JobError) as err:
+            code = USER_ERROR_EXIT if isinstance(err, DiffencError) else err.exit_code
+            say_error("error", err)
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+def say_error(label: str, err: BaseException, agreed: bool = False) -> None:
+    """``label: message`` on stderr, in a rank of a torchrun job only where that rank reports it
+    (:func:`diffenc_core.distributed.should_print`; ``agreed``: every rank stopped the same way)."""
+    from rich.markup import escape
+
+    text = str(err)
+    if _in_job():
+        from diffenc_core import distributed
+
+        if not agreed:
+            distributed.record(err)
+        if not distributed.should_print(err, agreed):
+            return
+        text = distributed.message(err)
+    color = "yellow" if agreed else "red"
+    err_console.print(f"[bold {color}]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def load_config(params: Path, sets: list[str] | None) -> config_mod.Config:
@@ -87,16 +108,21 @@ def train(
     live: Annotated[
         Path | None, typer.Option(help="also log every logged step with dvclive into this folder (DVC plots)")
     ] = None,
+    nproc: Annotated[
+        int | None, typer.Option(help="data-parallel processes on this machine (torch.distributed; train.nproc)")
+    ] = None,
 ) -> None:
     """Train the diffusion encoder (EM) or the VAE baseline into runs/<run>/ (train.run, default the method).
 
     A folder that already holds a run is refused unless --resume or --overwrite says what to do.
     SIGTERM/SIGINT: the current step ends, checkpoints/last.pt is written, exit 143/130.
+    --nproc N trains with N processes (also: torchrun --nproc-per-node N -m flows.cli train ...).
     """
     from diffenc_core import runstart
     from diffenc_core.interrupt import Interrupted
+    from diffenc_core.trainer import StopTraining
 
-    cfg = load_config(params, set_)
+    cfg = load_config(params, [*(set_ or []), *([f"train.nproc={nproc}"] if nproc is not None else [])])
     runstart.mode(resume, overwrite)  # both flags: refused before anything runs
     kwargs: dict[str, Any] = {"resume": resume, "overwrite": overwrite, "progress": progress}
     if live is not None:
@@ -106,15 +132,27 @@ def train(
     try:
         out = dispatch.call("train", cfg, **kwargs)
     except Interrupted as stop:
-        from rich.markup import escape
-
-        err_console.print(f"[bold yellow]interrupted:[/] {escape(str(stop))}", highlight=False, soft_wrap=True)
+        say_error("interrupted", stop, agreed=True)
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:  # a second signal: stopped at once, its last periodic checkpoint kept
-        err_console.print("[bold yellow]interrupted:[/] stopped at once; `diffenc train --resume` continues "
-                          "from the last periodic checkpoint", highlight=False, soft_wrap=True)
+        say_error("interrupted", KeyboardInterrupt("stopped at once; `diffenc train --resume` continues from the "
+                                                   "last periodic checkpoint"), agreed=True)
         raise typer.Exit(SIGINT_EXIT) from None
-    console.print(f"trained [bold]{out}[/]")
+    except StopTraining:  # a rank of `diffenc train --nproc` asked to stop: its launcher reports it
+        raise typer.Exit(0) from None
+    if not _in_job() or _reports(None):
+        console.print(f"trained [bold]{out}[/]")
+
+
+def _in_job() -> bool:
+    """Whether this process is a rank of a torchrun job."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _reports(err: BaseException | None) -> bool:
+    from diffenc_core import distributed
+
+    return distributed.should_print(err, agreed=True)
 
 
 @app.command()

@@ -14,6 +14,8 @@ from flows import entry
 
 
 def use_prefect() -> bool:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a rank of a torchrun job: never a flow run of its own
+        return False
     flag = os.environ.get("DIFFENC_PREFECT", "auto").lower()
     if flag in ("0", "false", "no", "off"):
         return False

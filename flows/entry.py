@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffenc_core import data, evaluate, runs, runstart, trainer
+from diffenc_core import data, distributed, evaluate, runs, runstart, trainer
 from diffenc_core.config import Config
 
 
@@ -36,28 +36,39 @@ def train_entry(
     (or start fresh when there is none); ``overwrite``: replace it (see :mod:`diffenc_core.runstart`).
     ``say`` gets the one line saying which; ``live_dir`` mirrors the history into dvclive;
     ``stop_signals`` stops cleanly on SIGTERM/SIGINT (:class:`diffenc_core.interrupt.Interrupted`).
+    With ``train.nproc`` > 1 it starts that many processes (:mod:`flows.launch`); inside a torchrun job
+    (one of those, or the user's own ``torchrun``) it is one rank of the training.
     """
-    plan = runstart.plan(cfg, runstart.mode(resume, overwrite))
-    if say is not None and plan.message:
-        say(plan.message)
+    start = runstart.mode(resume, overwrite)
+    if cfg.train.nproc > 1 and not distributed.launched():
+        from flows import launch
+
+        return launch.train(cfg, start, progress=progress, on_log=on_log, on_validate=on_validate,
+                            live_dir=live_dir, say=say)
+    cuda = distributed.launched() and trainer.device_for(cfg).type == "cuda"
+    world = distributed.join(cfg.train.dist_timeout_s, cuda=cuda)
     live = None
-    if live_dir is not None:
-        from flows.dvclive_log import LiveLogger
-
-        live = LiveLogger(live_dir, resume=plan.resume)
-
-    def log(step: int, row: dict[str, float]) -> None:
-        if on_log is not None:
-            on_log(step, row)
-        if live is not None:
-            live(step, row)
-
     try:
+        plan = world.from_main(lambda: runstart.plan(cfg, start))
+        if say is not None and plan.message and world.is_main and not distributed.launched_by_diffenc():
+            say(plan.message)
+        if live_dir is not None and world.is_main:
+            from flows.dvclive_log import LiveLogger
+
+            live = LiveLogger(live_dir, resume=plan.resume)
+
+        def log(step: int, row: dict[str, float]) -> None:
+            if on_log is not None:
+                on_log(step, row)
+            if live is not None:
+                live(step, row)
+
         run = trainer.train(cfg, plan, progress=progress, on_log=log, on_validate=on_validate,
                             stop_signals=stop_signals)
     finally:
         if live is not None:
             live.close()
+        distributed.leave()
     return run.path
 
 

@@ -327,12 +327,15 @@ def prepare(overrides: dict[str, Any] | None = None, params_file: str | None = N
       "Re-running it continues a killed run from its last checkpoint; overwrite=true replaces a run.")
 def train(overrides: dict[str, Any] | None = None, resume: bool = True, progress: bool = False,
           params_file: str | None = None, sets: list[str] | None = None, live_dir: str | None = None,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, nproc: int | None = None) -> Path:
     """Like ``diffenc train``: ``resume=True`` (the default) continues the run from
     ``checkpoints/last.pt`` (the budget may grow; other changed settings are refused, naming them)
     or starts it when there is none; ``resume=False`` starts a new run and refuses a folder that
     holds one; ``overwrite=True`` replaces the run (``resume`` is then ignored). ``live_dir`` must
-    lie inside ``train.runs_dir``."""
+    lie inside ``train.runs_dir``. ``nproc`` (``train.nproc``): data-parallel processes on the
+    machine that runs the flow (torch.distributed)."""
+    if nproc is not None:
+        overrides = {**(overrides or {}), "train.nproc": nproc}
     cfg = _config(overrides, params_file, sets)
     if overwrite:
         resume = False

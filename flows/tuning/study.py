@@ -32,7 +32,8 @@ ATTR_CONFIG = "config"  # the full resolved configuration the trials start from
 
 FREE_KEYS = frozenset({
     "train.run", "train.runs_dir", "train.steps", "train.val_every",  # set per trial, or where runs go
-    "train.threads", "train.device", "train.checkpoint_every", "train.log_every",  # compute, bookkeeping
+    "train.threads", "train.device", "train.nproc", "train.dist_timeout_s",  # compute
+    "train.checkpoint_every", "train.log_every",  # bookkeeping
     "data.root",  # where prepared data lives
     "tune.study", "tune.storage", "tune.n_trials", "tune.workers",  # how this start runs it
     "tune.heartbeat_interval", "tune.grace_period", "tune.max_retry",

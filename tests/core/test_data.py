@@ -182,3 +182,36 @@ def test_corrupt_prepared_split_is_reported(tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(DataError, match="run `diffenc prepare`"):
         data.load_split(out, "train")
+
+
+def test_large_splits_are_written_and_read_a_row_group_at_a_time(tmp_path):
+    """Issue 13: more rows than one row group; what is read back is exactly the source's rows."""
+    count = 3 * data.ROWS_PER_GROUP
+    cfg, out = _prepare(tmp_path, "data.dataset=bimodal", f"data.count={count}")
+    parts = data.split_indices(count, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.seed)
+    source = data.load_source(cfg.data)
+    train = data.load_split(out, "train")
+    assert pq.ParquetFile(out / "train.parquet").num_row_groups > 1
+    assert torch.equal(train.x, torch.from_numpy(source.x[parts["train"]]))
+    assert list(pq.read_table(out / "train.parquet").column("index").to_numpy()) == list(range(len(train)))
+    assert np.array_equal(train.factors["z0"].to_numpy(), source.factors["z0"][parts["train"]])
+    for rank in range(3):  # a rank of a 3-process job reads its own rows alone
+        mine = data.load_split(out, "train", (rank, 3))
+        assert torch.equal(mine.x, train.x[rank::3])
+        assert np.array_equal(mine.factors["z0"].to_numpy(), train.factors["z0"].to_numpy()[rank::3])
+
+
+def test_a_parquet_list_column_of_images(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.random((30, 12))
+    pd.DataFrame({"x": list(images), "label": np.arange(30) % 3}).to_parquet(tmp_path / "imgs.parquet")
+    cfg, out = _prepare(tmp_path, "data.dataset=file", f"data.path={tmp_path / 'imgs.parquet'}")
+    arrays = data.load_source(cfg.data)
+    assert arrays.x.dtype == np.float32 and np.array_equal(arrays.x, images.astype(np.float32))
+    assert list(arrays.label) == [i % 3 for i in range(30)]
+    ragged = [np.ones(12)] * 29 + [np.ones(11)]
+    pd.DataFrame({"x": ragged}).to_parquet(tmp_path / "ragged.parquet")
+    sets = [f"data.root={tmp_path / 'p2'}", "data.dataset=file", f"data.path={tmp_path / 'ragged.parquet'}"]
+    cfg = config.load(None, sets)
+    with pytest.raises(DataError, match="ragged.parquet: column 'x' must hold equal-length numeric lists"):
+        data.prepare(cfg.data)

@@ -73,9 +73,11 @@ def test_bimodal_diffusion_encoder_covers_both_modes_where_the_gaussian_cannot(t
 
 
 def test_digits_em_trains_without_nan_and_improves(tmp_path):
-    """A small budget on the real data: no NaN, and reconstruction error and sync gap fall."""
+    """The paper's EM from scratch (no VAE phase, M-step on z*) on the real data: no NaN, and
+    reconstruction error and sync gap fall."""
     sets = tiny(f"data.root={tmp_path / 'data'}", f"train.runs_dir={tmp_path / 'runs'}", "train.steps=150",
-                "train.val_every=25", "train.log_every=25", "em.langevin_steps=10", "model.latent_dim=8")
+                "train.val_every=25", "train.log_every=25", "em.langevin_steps=10", "model.latent_dim=8",
+                "em.m_step=zstar", "em.encoder_updates=2")
     cfg = config.load(None, sets)
     data.prepare(cfg.data)
     run = trainer.train(cfg, progress=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mounts import tmpfs
 from tiny import tiny
 
 from diffenc_core import checkpoint, config, data, runs, runstart, trainer
@@ -203,15 +204,8 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 300 KiB tmpfs: room for the first last.pt + best.pt of a tiny VAE run, not for a third."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with tmpfs(tmp_path / "disk", "size=300k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(prepared, tmp_path, tiny_disk):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mounts import tmpfs
 from tiny import tiny
 from typer.testing import CliRunner
 
@@ -93,15 +94,8 @@ def test_each_mistake_is_one_line_exit_2_and_changes_nothing(world, case, monkey
 
 @pytest.fixture
 def read_only(tmp_path: Path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip("needs root to mount a read-only tmpfs")
-    try:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_read_only_runs_folder_is_one_line_in_a_real_process(world, read_only):

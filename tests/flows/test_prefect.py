@@ -291,6 +291,18 @@ def test_train_flow_starts_runs_exactly_like_the_cli(tmp_path):
         pf.pipeline.fn(overrides=over, resume=False)
 
 
+def test_the_train_flow_takes_the_number_of_processes(tmp_path, monkeypatch):
+    """Issue 13: `nproc` is `train.nproc` (validated like it), handed on to the training task."""
+    over = {**tiny_overrides("r"), "train.runs_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="train.nproc"):
+        pf.train.fn(overrides=over, nproc=0)
+    seen = []
+    monkeypatch.setattr(pf, "_ensure_data", lambda cfg: None)
+    monkeypatch.setattr(pf, "train_task", lambda cfg, **kw: seen.append(cfg.train.nproc) or tmp_path)
+    monkeypatch.setattr(pf, "publish", lambda *a, **kw: "")
+    assert pf.train.fn(overrides=over, nproc=2) == tmp_path and seen == [2]
+
+
 def test_flow_parameters_cannot_steer_paths_out_of_the_runs_folder(tmp_path):
     """Issue 12 #3: flow parameters come from whoever reaches the server."""
     over = {**tiny_overrides("r"), "train.runs_dir": str(tmp_path / "runs")}

@@ -1,0 +1,135 @@
+"""The training schedules that keep the decoder encodable (docs/method.md §3, §10): the VAE phase,
+the M-step's latents, the head's loss, warm starts from a VAE run, chain replay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import tiny
+
+from diffenc_core import checkpoint, config, data, runs, trainer
+from diffenc_core.em import DiffusionEM
+from diffenc_core.errors import ConfigError, RunError
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data.prepare(config.load(None, [f"data.root={root}"]).data)
+    return root
+
+
+def _cfg(prepared, tmp_path, *sets):
+    return config.load(None, tiny(f"data.root={prepared}", f"train.runs_dir={tmp_path / 'runs'}",
+                                  "train.val_every=5", "train.checkpoint_every=5", *sets))
+
+
+def _models(run: runs.Run, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return checkpoint.load(run.checkpoint_dir / name)["models"]
+
+
+def _decoder(models: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in models.items() if k.startswith("decoder.")}
+
+
+def _vae(prepared, tmp_path, steps: int = 10) -> runs.Run:
+    return trainer.train(_cfg(prepared, tmp_path, "train.method=vae", "train.run=vae", f"train.steps={steps}"),
+                         progress=False)
+
+
+@pytest.mark.parametrize("m_step", ["frozen", "zstar", "encoder", "head"])
+def test_the_vae_phase_is_the_vae_baseline_and_only_a_frozen_m_step_keeps_its_decoder(prepared, tmp_path, m_step):
+    """Same seed: the diffusion run's 10-step VAE phase ends with exactly the 10-step VAE's decoder
+    (bit for bit); EM with a frozen M-step keeps it, the other M-steps move it."""
+    vae = _decoder(_models(_vae(prepared, tmp_path)))
+    diff = trainer.train(_cfg(prepared, tmp_path, "train.run=diff", "train.steps=3", "em.vae_steps=10",
+                              f"em.m_step={m_step}"), progress=False)
+    assert diff.status()["steps"] == 13
+    after = _decoder(_models(diff))
+    same = all(torch.equal(vae[k], after[k]) for k in vae)
+    assert same == (m_step == "frozen")
+    if m_step == "frozen":  # and the phase's checkpoint at step 10 is the baseline too
+        hist = diff.history()
+        assert {"loss_vae", "loss_encoder"} <= set(hist.columns)
+        assert hist.loc[hist.step <= 10, "loss_encoder"].isna().all()
+        assert hist.loc[hist.step > 10, "loss_vae"].isna().all()
+
+
+def test_best_checkpoint_and_learning_rate_follow_the_em_phase(prepared, tmp_path):
+    cfg = _cfg(prepared, tmp_path, "train.steps=10", "em.vae_steps=10")
+    run = trainer.train(cfg, progress=False)
+    assert checkpoint.load(run.checkpoint_dir / "best.pt")["step"] > 10, "best.pt is a diffusion encoder"
+    method = trainer.build_method(cfg, data.read_manifest(cfg.data.prepared_dir))
+    total = cfg.total_steps
+    scales = [trainer.lr_scale(cfg, s, 0.0, *method.phase_bounds(s, total)) for s in (0, 9, 10, 19)]
+    assert scales[0] == scales[2] == 1.0, "the cosine restarts when EM starts"
+    assert scales[1] < 0.1 and scales[3] < 0.1
+
+
+def test_head_by_the_elbo_leaves_a_frozen_decoder_alone(prepared, tmp_path):
+    cfg = _cfg(prepared, tmp_path, "train.steps=4", "em.vae_steps=0", "em.head_loss=elbo")
+    manifest = data.read_manifest(cfg.data.prepared_dir)
+    x = data.load_split(cfg.data.prepared_dir, "train").x
+    torch.manual_seed(0)
+    method = trainer.build_method(cfg, manifest)
+    method.attach_data(x)
+    dec0 = {k: v.clone() for k, v in method.decoder.state_dict().items()}
+    head0 = {k: v.clone() for k, v in method.encoder.head.state_dict().items()}
+    idx = torch.arange(32)
+    for step in range(3):
+        stats = method.train_step(step, idx, x[idx])
+    assert math.isfinite(stats["loss_encoder"])
+    assert all(torch.equal(dec0[k], v) for k, v in method.decoder.state_dict().items())
+    assert all(p.grad is None or not p.grad.any() for p in method.decoder.parameters())
+    assert not all(torch.equal(head0[k], v) for k, v in method.encoder.head.state_dict().items())
+
+
+def test_warm_start_seeds_decoder_and_head_from_a_vae_run(prepared, tmp_path):
+    vae_run = _vae(prepared, tmp_path)
+    vae = checkpoint.load(vae_run.checkpoint_dir / "best.pt")["models"]
+    cfg = _cfg(prepared, tmp_path, "train.run=warm", "train.warm_start=vae", "train.steps=1", "em.encoder_updates=1")
+    assert cfg.total_steps == 1, "a warm start replaces the VAE phase"
+    run = trainer.train(cfg, progress=False)
+    got = _models(run)
+    assert all(torch.equal(vae[k], got[k]) for k in vae if k.startswith("decoder."))
+    assert run.params()["train"]["warm_start"] == "vae"
+
+
+@pytest.mark.parametrize(("sets", "needle"), [
+    (["train.warm_start=nothere"], "train.warm_start: .*nothere has no checkpoint"),
+    (["train.warm_start=diffsrc"], "train.warm_start: .*'diffusion' run, not a VAE run"),
+    (["train.warm_start=vae", "model.latent_dim=3"], "train.warm_start: .*does not fit this model"),
+])
+def test_warm_start_mistakes_are_one_message(prepared, tmp_path, sets, needle):
+    _vae(prepared, tmp_path, steps=2)
+    trainer.train(_cfg(prepared, tmp_path, "train.run=diffsrc", "train.steps=2"), progress=False)
+    with pytest.raises((ConfigError, RunError), match=needle):
+        trainer.train(_cfg(prepared, tmp_path, "train.run=warm", "train.steps=1", *sets), progress=False)
+    assert not (tmp_path / "runs" / "warm" / "checkpoints" / "last.pt").exists()
+
+
+def test_replay_draws_pairs_only_from_examples_with_a_chain():
+    cfg = config.load(None, tiny("em.vae_steps=0"))
+    method = DiffusionEM(cfg, x_dim=5, n_train=40)
+    x = torch.arange(200, dtype=torch.float32).reshape(40, 5)
+    method.attach_data(x)
+    assert method.replay_batch(8) is None, "no chain yet"
+    owned = torch.tensor([3, 17, 29])
+    method.has_chain[owned] = True
+    method.chains[owned] = owned.float().unsqueeze(-1).expand(-1, cfg.model.latent_dim)
+    xs, zs = method.replay_batch(64)
+    rows = (xs[:, 0] / 5).long()
+    assert set(rows.tolist()) <= set(owned.tolist())
+    assert torch.equal(zs[:, 0].long(), rows), "each z* is its own example's chain"
+    with pytest.raises(ValueError, match="40 chains"):
+        method.attach_data(x[:10])
+
+
+def test_base_none_trains_em_from_scratch_and_rejects_what_needs_a_head():
+    assert config.load(None, ["model.encoder.base=none"]).vae_phase_steps == 0
+    assert config.load(None, []).vae_phase_steps == config.load(None, []).em.vae_steps > 0
+    assert config.load(None, ["train.method=vae"]).total_steps == config.load(None, []).train.steps
+    with pytest.raises(ConfigError, match="base 'none' has no Gaussian head, which em.m_step 'head'"):
+        config.load(None, ["model.encoder.base=none", "em.m_step=head"])
