@@ -23,7 +23,7 @@ from benchmarks.common import Timer, Workspace, arg_parser, table, write_result
 
 SEEDS = (0, 1)
 METRICS = ("elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats", "ais_gap_nats",
-           "elbo_base_only_nats", "mse_amortised", "train_seconds", "train_steps")
+           "elbo_base_only_nats", "mse_amortised", "train_seconds", "train_steps", "n_test", "n_ais")
 QUICK = ["train.steps=200", "em.vae_steps=200", "eval.ais_temperatures=100", "eval.ais_check_temperatures=25"]
 VAL_EVERY_BUDGET = 250  # validations of the equal-wall-clock VAE (best checkpoint among them)
 MIRROR_COUNT = 6000
@@ -68,13 +68,14 @@ def main() -> None:
     timer = Timer()
     ws = Workspace(args.keep)
     quick = QUICK if args.quick else []
-    digits = ["data.dataset=digits", "train.threads=1", *quick]
+    every_x = f"eval.ais_n={ws.config().eval.n_test}"
+    digits = ["data.dataset=digits", "train.threads=1", every_x, *quick]
     ws.prepare(*digits)
     rows = []
     for seed in SEEDS:
         rows += pair(ws, "digits", digits, seed, equal_time=True)
     path = mirror_dataset(ws.root / "mirror.npz")
-    mirror = ["data.dataset=file", f"data.path={path}", "model.latent_dim=2", "train.threads=1", *quick]
+    mirror = ["data.dataset=file", f"data.path={path}", "model.latent_dim=2", "train.threads=1", every_x, *quick]
     ws.prepare(*mirror)
     rows += pair(ws, "mirror", mirror, SEEDS[0], equal_time=False)
 

@@ -29,7 +29,7 @@ K_COMPARE = "compare"  # list of run ids (paths relative to the runs folder) sel
 
 # the final metrics shown by default in the runs table (others can be switched on)
 DEFAULT_METRICS = [
-    "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats", "ais_gap_nats", "rate_nats",
+    "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats", "n_ais", "ais_gap_nats", "rate_nats",
     "distortion_nats", "mse_amortised", "mse_refined", "sync_gap_nats", "active_units",
 ]
 KEY_PARAMS = index.KEY_PARAMS

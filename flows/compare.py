@@ -27,11 +27,12 @@ from diffenc_core.errors import ConfigError, RunError, writing
 OUT_NAME = "comparison"
 MD, CSV, JSON, RD_PNG = "comparison.md", "comparison.csv", "comparison.json", "rate_distortion.png"
 
+AIS_X = "ais_test_x"  # "k of n": the test x the AIS estimate and its gaps use (the bounds use all n)
 ID_COLUMNS = ["name", "method", "dataset", "beta", "latent_dim"]
 # Shown first and in this order where present; any other scalar metric follows, sorted.
 PREFERRED = [
-    "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats", "ais_gap_nats", "ais_gap_exact_logq_nats",
-    "ais_gap_iwae_32_nats", "elbo_base_only_nats",
+    "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats", AIS_X, "ais_gap_nats",
+    "ais_gap_exact_logq_nats", "ais_gap_iwae_32_nats", "elbo_base_only_nats",
     "neg_elbo_nats", "rate_nats", "distortion_nats", "rate_exact_logq_nats",
     "rate_score_integral_nats", "mse_amortised", "mse_refined", "psnr_amortised_db", "psnr_refined_db",
     "sync_gap_nats", "langevin_accept", "active_units", "aggregate_kl_to_prior_nats", "probe_accuracy",
@@ -84,6 +85,8 @@ def comparison_table(selected: list[runs.Run]) -> pd.DataFrame:
         row["method"] = row["method"] or metrics.get("method")
         row["beta"] = row["beta"] if row["beta"] is not None else metrics.get("beta")
         row.update({k: v for k, v in metrics.items() if _scalar(v) and k not in SKIP_METRICS})
+        if _scalar(metrics.get("n_ais")) and _scalar(metrics.get("n_test")):
+            row[AIS_X] = f"{metrics['n_ais']} of {metrics['n_test']}"
         rows.append(row)
     table = pd.DataFrame(rows)
     metric_cols = [c for c in table.columns if c not in ID_COLUMNS]
@@ -125,7 +128,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in body]
     note = ("\n\n`*` marks the better value of a metric where one direction is better; nats are per example "
             "(ELBO / IWAE / AIS log p(x): higher is better; `ais_gap_*` = AIS log p(x) − that bound, the "
-            "encoder's own gap: lower is better).\n")
+            "encoder's own gap: lower is better). AIS log p(x) and the `ais_gap_*` use the first "
+            f"`{AIS_X}` test x (`eval.ais_n`); the bounds above them use all test x.\n")
     return "# Comparison of evaluated runs\n\n" + "\n".join(lines) + note
 
 

@@ -99,6 +99,9 @@ st.dataframe(
             "health", width="small",
             help="ok · running · not evaluated · interrupted · attention (a broken file or a failure: see problems)"),
         "problems": st.column_config.TextColumn("problems", width="large"),
+        "ais_log_px_nats": st.column_config.NumberColumn(
+            help="log p(x) by AIS, mean over the first n_ais test x (eval.ais_n); the ais_gap_* use the same x, "
+                 "the bounds all of them"),
     },
 )
 

@@ -37,7 +37,8 @@ def metrics(rate: float, distortion: float, mse: float) -> dict:
 def runs_dir(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
     make_run(root, "vae", "vae", 1.0, metrics(12.0, 300.0, 0.02))
-    make_run(root, "diffusion", "diffusion", 1.0, metrics(10.0, 290.0, 0.01))
+    make_run(root, "diffusion", "diffusion", 1.0,
+             {**metrics(10.0, 290.0, 0.01), "n_ais": 20, "ais_log_px_nats": -280.0, "ais_gap_nats": 3.0})
     make_run(root, "diffusion-b0.5", "diffusion", 0.5, metrics(15.0, 280.0, 0.009))
     make_run(root, "half-done", "vae", 2.0, None, state="failed")
     return root
@@ -49,7 +50,8 @@ def test_compare_writes_side_by_side_table_and_plot(runs_dir: Path, tmp_path: Pa
     # evaluated runs only, sorted by method then beta; identity columns first
     assert list(table["name"]) == ["diffusion-b0.5", "diffusion", "vae"]
     assert list(table.columns[:5]) == ["name", "method", "dataset", "beta", "latent_dim"]
-    assert list(table.columns[5:8]) == ["neg_elbo_nats", "rate_nats", "distortion_nats"]
+    assert list(table.columns[5:11]) == ["ais_log_px_nats", "ais_test_x", "ais_gap_nats", "neg_elbo_nats", "rate_nats",
+                                         "distortion_nats"]
     assert "latent_mean" not in table.columns and "n_test" not in table.columns  # lists / bookkeeping dropped
 
     csv = pd.read_csv(out / CSV)
@@ -60,6 +62,9 @@ def test_compare_writes_side_by_side_table_and_plot(runs_dir: Path, tmp_path: Pa
     md = (out / MD).read_text()
     assert "| metric | diffusion-b0.5 | diffusion | vae |" in md
     assert "| neg_elbo_nats | 295 * | 300 | 312 |" in md  # the lowest neg-ELBO is marked
+    # AIS runs on a subset of the test x: the table says which, beside the estimate
+    assert table.columns.get_loc("ais_test_x") == table.columns.get_loc("ais_log_px_nats") + 1
+    assert "| ais_test_x | – | 20 of 60 | – |" in md
     assert (out / RD_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the same runs give the same bytes (so `dvc status` stays clean after `diffenc compare`)
