@@ -121,7 +121,7 @@ def speeds(ws: Workspace, p: dict[str, Any]) -> list[dict[str, Any]]:
                 rates = measured[(workload, method, layout)]
                 rows.append({"workload": workload, "step": f"{method} step", "layout": layout, "processes": nproc,
                              "threads": threads, "examples_per_s": statistics.median(rates),
-                             "runs": [round(r, 1) for r in rates], "speedup": statistics.median(rates) / base})
+                             "runs": [round(float(r), 1) for r in rates], "speedup": statistics.median(rates) / base})
     return rows
 
 
