@@ -54,7 +54,8 @@ DATASETS = {
 }
 EVAL = {
     "quick": ["eval.n_test=100", "eval.rate_steps=25", "eval.elbo_samples=1", "eval.iwae_k=4",
-              "eval.refine_steps=5", "eval.exact_logq_max_dim=8"],
+              "eval.refine_steps=5", "eval.exact_logq_max_dim=8", "eval.ais_temperatures=100",
+              "eval.ais_check_temperatures=25"],
     "full": ["eval.n_test=500", "eval.rate_steps=100", "eval.elbo_samples=4", "eval.iwae_k=32",
              "eval.refine_steps=20", "eval.exact_logq_max_dim=8"],
 }
