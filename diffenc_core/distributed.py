@@ -73,6 +73,19 @@ class LossModule(nn.Module):
         return self.loss(*args)
 
 
+class DataParallelMethod:
+    """What a training method shares with a job of several processes: its losses (a :class:`LossModule`
+    each, kept in a plain dict so the state dict keeps its keys) and this rank's share of the global
+    batch, by which its losses are weighted (1 alone)."""
+
+    loss_scale: float = 1.0
+    losses: dict[str, nn.Module]
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route every loss through ``wrap`` (DistributedDataParallel when several processes train)."""
+        self.losses = {name: wrap(module) for name, module in self.losses.items()}
+
+
 def _no_buffer_sync() -> dict[str, bool]:
     """DDP's switch for not broadcasting buffers every forward (renamed in newer torch); the wrapped
     losses' buffers are constants, identical on every rank."""

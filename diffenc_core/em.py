@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import Config
-from diffenc_core.distributed import LossModule, weighted
+from diffenc_core.distributed import DataParallelMethod, LossModule, weighted
 from diffenc_core.encoder import DiffusionEncoder
 from diffenc_core.langevin import e_step
 from diffenc_core.networks import build_decoder
 from diffenc_core.smc import tempered_smc
-from diffenc_core.vae import gaussian_kl, reparameterised_elbo
+from diffenc_core.vae import reparameterised_elbo
 
 
 @contextmanager
@@ -46,7 +46,7 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-class DiffusionEM(nn.Module):
+class DiffusionEM(DataParallelMethod, nn.Module):
     """Diffusion encoder + decoder + the E-step state of every training example."""
 
     name = "diffusion"
@@ -81,18 +81,12 @@ class DiffusionEM(nn.Module):
         self.ema: DiffusionEncoder | None = None
         if cfg.train.ema > 0:
             self.ema = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.loss_scale = 1.0  # this process's share of the global batch (the trainer sets it; 1 alone)
-        # each loss with exactly the modules it trains (what DDP wraps); a plain dict, so the state
-        # dict keeps its keys
-        self.losses: dict[str, nn.Module] = {"encoder": LossModule(self.encoder_loss, encoder=self.encoder)}
+        # each loss with exactly the modules it trains (what DDP wraps)
+        self.losses = {"encoder": LossModule(self.encoder_loss, encoder=self.encoder)}
         if self.encoder.head is not None:
             self.losses["vae"] = LossModule(self._vae_elbo, head=self.encoder.head, decoder=self.decoder)
         if self.opt_decoder is not None:
             self.losses["decoder"] = LossModule(self._decoder_nll, decoder=self.decoder)
-
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Route every loss through ``wrap`` (DistributedDataParallel when several processes train)."""
-        self.losses = {name: wrap(module) for name, module in self.losses.items()}
 
     def attach_data(self, x_train: Tensor) -> None:
         """The training examples the chains belong to (row ``i`` of ``x_train`` owns chain ``i``):
@@ -240,10 +234,8 @@ class DiffusionEM(nn.Module):
         head = self.encoder.head
         if self.em.head_loss == "nll" or head is None:
             return self.encoder.loss(x, z_star)
-        mu, log_std = head(x)
-        z = mu + log_std.exp() * torch.randn_like(mu)
         with frozen(self.decoder):  # the decoder learns only in the M-step
-            elbo_loss = (-self.decoder.log_prob(x, z) + self.beta * gaussian_kl(mu, log_std)).mean()
+            elbo_loss, _, _ = reparameterised_elbo(head, self.decoder, x, self.beta)
         return self.encoder.loss(x, z_star, fit_head=False) + elbo_loss
 
     def m_step_latents(self, x: Tensor, z_star: Tensor) -> Tensor:

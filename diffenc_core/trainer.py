@@ -250,7 +250,7 @@ def _train(
             if state.get("method") != method.name:
                 raise CheckpointError(f"{last}: holds a '{state.get('method')}' run, not '{method.name}'")
             try:
-                method.load_state(_own_rows(state, method, world))
+                method.load_state(_per_example(state, method, world, world.rows))
             except (RuntimeError, KeyError, ValueError) as err:
                 detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
                 raise CheckpointError(f"{last}: does not fit this configuration ({detail})") from None
@@ -288,7 +288,7 @@ def _train(
     def save(step: int, val: dict[str, float] | None) -> None:
         nonlocal best, saved_step
         saved_step = step
-        state = _whole_state(method, world, n_train)
+        state = _per_example(method.state(), method, world, functools.partial(world.gather_rows, n=n_train))
         rngs = world.objects(checkpoint.rng_state())
         if not world.is_main:
             return
@@ -415,26 +415,16 @@ def _step(method: DiffusionEM | GaussianVAE, world: distributed.World, step: int
         return method.train_step(step, rows, x_own[rows]), 0
 
 
-def _own_rows(state: dict[str, Any], method: DiffusionEM | GaussianVAE, world: distributed.World) -> dict[str, Any]:
-    """A checkpoint's state with the per-example buffers cut to this rank's examples."""
+def _per_example(state: dict[str, Any], method: DiffusionEM | GaussianVAE, world: distributed.World,
+                 fn: Callable[[Tensor], Tensor | None]) -> dict[str, Any]:
+    """``state`` with ``fn`` applied to each per-example buffer (the E-step chains and step sizes):
+    cut to this rank's rows on load, gathered in example order for a checkpoint."""
     names = getattr(method, "PER_EXAMPLE", ())
     if not world.parallel or not names:
         return state
     models = dict(state["models"])
     for name in names:
-        models[name] = world.rows(models[name])
-    return {**state, "models": models}
-
-
-def _whole_state(method: DiffusionEM | GaussianVAE, world: distributed.World, n_train: int) -> dict[str, Any]:
-    """The method's state with the per-example buffers of every rank, in example order (on rank 0)."""
-    state = method.state()
-    names = getattr(method, "PER_EXAMPLE", ())
-    if not world.parallel or not names:
-        return state
-    models = dict(state["models"])
-    for name in names:
-        models[name] = world.gather_rows(models[name], n_train)
+        models[name] = fn(models[name])
     return {**state, "models": models}
 
 

@@ -6,14 +6,13 @@ Loss per example: ``-E_q log p(x|z) + beta * KL(N(mu, std^2) || N(0, I))`` by re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import Config
-from diffenc_core.distributed import LossModule, weighted
+from diffenc_core.distributed import DataParallelMethod, LossModule, weighted
 from diffenc_core.networks import GaussianEncoderNet, build_decoder, conv_shape
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -40,7 +39,7 @@ def reparameterised_elbo(
     return (rec + beta * kl).mean(), rec.detach(), kl.detach()
 
 
-class GaussianVAE(nn.Module):
+class GaussianVAE(DataParallelMethod, nn.Module):
     """Encoder ``N(mu(x), diag std(x)^2)`` + the shared decoder."""
 
     name = "vae"
@@ -65,17 +64,11 @@ class GaussianVAE(nn.Module):
                 {"params": self.decoder.parameters(), "lr": cfg.train.lr_decoder},
             ]
         )
-        self.loss_scale = 1.0  # this process's share of the global batch (the trainer sets it; 1 alone)
-        # a plain dict, not a submodule: the state dict keeps its keys
-        self.losses: dict[str, nn.Module] = {"vae": LossModule(self._elbo, encoder=self.encoder, decoder=self.decoder)}
+        self.losses = {"vae": LossModule(self._elbo, encoder=self.encoder, decoder=self.decoder)}
 
     # -- training
     def _elbo(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return reparameterised_elbo(self.encoder, self.decoder, x, self.beta)
-
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Route the loss through ``wrap`` (DistributedDataParallel when several processes train)."""
-        self.losses = {name: wrap(module) for name, module in self.losses.items()}
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         loss, rec, kl = self.losses["vae"](x)

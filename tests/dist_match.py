@@ -13,6 +13,7 @@ so the diffusion runs here use one encoder update per step (no replay).
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -60,7 +61,7 @@ def main(root: str, out: str) -> None:
             idx = trainer.batch_indices(cfg.train.seed, step, n, cfg.train.batch_size)
             trainer._step(method, world, step, idx, x_own)
             grads.append({k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None})
-        state = trainer._whole_state(method, world, n)
+        state = trainer._per_example(method.state(), method, world, functools.partial(world.gather_rows, n=n))
         results[name] = {"grads": grads, "models": state["models"]}
     if world.is_main:
         torch.save(results, out)

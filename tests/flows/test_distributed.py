@@ -76,7 +76,7 @@ def test_n_processes_match_one_process_on_identical_inputs_and_noise(prepared, t
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     script, str(prepared), str(two)], check=True, env=ENV, timeout=LAUNCH_TIMEOUT_S,
                    capture_output=True)
-    a, b = torch.load(one), torch.load(two)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for method in ("diffusion", "vae"):
         for step, (ga, gb) in enumerate(zip(a[method]["grads"], b[method]["grads"], strict=True)):
             assert ga.keys() == gb.keys() and ga
