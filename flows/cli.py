@@ -145,7 +145,8 @@ def train(
 
 
 def _in_job() -> bool:
-    """Whether this process is a rank of a torchrun job."""
+    """Whether this process is a rank of a torchrun job: ``distributed.launched()`` without importing torch,
+    so a user mistake is reported before the slow import."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
