@@ -1,10 +1,13 @@
 # Two commands a newcomer needs: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv on first use (torch==2.13.0 first, then the project) and reuse it after.
+# Both create .venv on first use (torch==2.13.0 and its torchvision first, then the project) and reuse it after.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# the CPU torch wheel and the torchvision built for it: installed first, so nothing asks for another torch
+TORCH ?= 2.13.0
+TORCHVISION ?= 0.28.0
 export OMP_NUM_THREADS ?= 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -16,7 +19,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==$(TORCH) torchvision==$(TORCHVISION)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -72,9 +72,17 @@ class LinearGaussianConfig(_Section):
 class DataConfig(_Section):
     """Which dataset to prepare and how to split it."""
 
-    dataset: Literal["digits", "sprites", "bimodal", "linear_gaussian", "file"] = "digits"
+    dataset: Literal["digits", "sprites", "bimodal", "linear_gaussian", "file", "mnist", "fashion_mnist"] = "digits"
     path: str | None = None
     root: str = "data/prepared"
+    # mnist / fashion_mnist: torchvision's layout under this folder (<raw_dir>/MNIST/raw/*-ubyte), read
+    # offline; download fetches the files there first (needs a network)
+    raw_dir: str = "data/raw"
+    download: bool = False
+    # binary pixels (Burda et al. 2015): dynamic draws a fresh Bernoulli sample of the intensities every
+    # time a training batch is drawn, fixed binarises the training set once; validation and test are
+    # binarised once with a fixed seed either way
+    binarize: Literal["none", "dynamic", "fixed"] = "none"
     seed: int = 0
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -83,7 +91,7 @@ class DataConfig(_Section):
     bimodal: BimodalConfig = Field(default_factory=BimodalConfig)
     linear_gaussian: LinearGaussianConfig = Field(default_factory=LinearGaussianConfig)
 
-    _paths = field_validator("root", "path")(check_folder)
+    _paths = field_validator("root", "path", "raw_dir")(check_folder)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -106,13 +114,16 @@ class DataConfig(_Section):
 
 # -------------------------------------------------------------------------------------- model
 class DecoderConfig(_Section):
-    """``p(x|z) = N(f(z), sigma_x^2 I)``; conv for images when kind is auto.
+    """``p(x|z)``: ``N(f(z), sigma_x^2 I)`` or Bernoulli with logits ``f(z)`` (docs/method.md §1).
 
-    ``truth`` uses the known decoder of a toy dataset (bimodal, linear_gaussian) and keeps it
-    fixed, so the encoder can be checked against the exact posterior.
+    ``kind``: the network (``auto``: conv for images of 32 px and more, else an MLP); ``truth`` uses
+    the known decoder of a toy dataset (bimodal, linear_gaussian) and keeps it fixed, so the encoder
+    can be checked against the exact posterior. ``likelihood``: ``auto`` is Bernoulli when
+    ``data.binarize`` makes the pixels binary, else Gaussian.
     """
 
     kind: Literal["auto", "mlp", "conv", "truth"] = "auto"
+    likelihood: Literal["auto", "gaussian", "bernoulli"] = "auto"
     hidden: int = Field(256, ge=1)
     depth: int = Field(2, ge=1)
     learn_sigma: bool = True
@@ -124,6 +135,8 @@ class EncoderConfig(_Section):
     """The conditional epsilon-network of the diffusion encoder (docs/method.md §4)."""
 
     base: Literal["gaussian", "whitened", "none"] = "whitened"
+    # the score network's x-network (auto: conv for images of 32 px and more, else an MLP)
+    x_net: Literal["auto", "mlp", "conv"] = "auto"
     hidden: int = Field(128, ge=1)
     blocks: int = Field(2, ge=1)
     time_embed_dim: int = Field(64, ge=2)
@@ -141,6 +154,8 @@ class EncoderConfig(_Section):
 class VAEConfig(_Section):
     """The Gaussian encoder of the VAE baseline (and of the diffusion encoder's Gaussian base)."""
 
+    # its trunk (auto: conv for images of 32 px and more, else an MLP)
+    kind: Literal["auto", "mlp", "conv"] = "auto"
     hidden: int = Field(256, ge=1)
     depth: int = Field(2, ge=1)
 
@@ -368,6 +383,15 @@ class Config(_Section):
         if self.train.method != "diffusion" or self.train.warm_start is not None:
             return 0
         return 0 if self.model.encoder.base == "none" else self.em.vae_steps
+
+    @property
+    def likelihood(self) -> Literal["gaussian", "bernoulli"]:
+        """The decoder's likelihood: ``model.decoder.likelihood``, or for ``auto`` Bernoulli exactly when
+        ``data.binarize`` makes the pixels binary."""
+        chosen = self.model.decoder.likelihood
+        if chosen != "auto":
+            return chosen
+        return "gaussian" if self.data.binarize == "none" else "bernoulli"
 
     @property
     def total_steps(self) -> int:
