@@ -6,12 +6,15 @@ not tensors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from diffenc_core import data, distributed, evaluate, runs, runstart, trainer
 from diffenc_core.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def prepare_entry(cfg: Config) -> Path:
@@ -50,8 +53,10 @@ def train_entry(
     live = None
     try:
         plan = world.from_main(lambda: runstart.plan(cfg, start))
-        if say is not None and plan.message and world.is_main and not distributed.launched_by_diffenc():
-            say(plan.message)
+        if plan.message and world.is_main and not distributed.launched_by_diffenc():
+            log.info(plan.message)  # fronts show the 'flows' logger: the CLI on the terminal, Prefect in its run logs
+            if say is not None:
+                say(plan.message)
         if live_dir is not None and world.is_main:
             from flows.dvclive_log import LiveLogger
 
