@@ -3,16 +3,20 @@
 ``prepare(cfg.data)`` writes ``<root>/<name>/{train,val,test}.parquet`` and ``manifest.json``;
 ``load_split`` reads one split back with its schema checked. Features are flattened float32
 vectors (images in [0, 1], row-major ``C x H x W``); labels and generating factors are optional.
+With ``data.binarize`` the splits it names hold Bernoulli samples (0 or 1) of the intensities.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from diffenc_core.config import DataConfig
-from diffenc_core.errors import DataError, writing
+from diffenc_core.errors import DataError, DiffencError, writing
 from diffenc_core.toys import Bimodal, LinearGaussian
 
 SPLITS = ("train", "val", "test")
@@ -39,6 +43,11 @@ SPRITE_CHUNK = 256  # sprites drawn per vectorised batch: its temporaries are th
 ROWS_PER_GROUP = 4096
 """Rows per Parquet row group written, and per batch read or checked: memory beyond the float32 array of a
 dataset stays this many rows, so a 60 000-image dataset is prepared and loaded in about its own size."""
+NPZ_LABELS = ("y", "label", "labels")  # the names an .npz may give its integer labels (one of them)
+IMAGE_CHANNELS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA: a 4-D array's second axis
+STANDARD = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # data.dataset -> torchvision.datasets class
+STANDARD_SIDE = 28  # MNIST and Fashion-MNIST images are 28 x 28
+BINARIZE_STREAM = 0xB1  # the binarising draws' stream, apart from the split's permutation (seeded by data.seed)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class Arrays:
     factors: dict[str, np.ndarray] = field(default_factory=dict)
     image_shape: tuple[int, int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    test_from: int | None = None  # rows from here on are the dataset's own test set (MNIST's t10k files)
 
 
 @dataclass
@@ -153,8 +163,7 @@ def linear_gaussian(cfg: DataConfig) -> Arrays:
 def _check_array(x: np.ndarray, where: str) -> np.ndarray:
     if x.dtype == object or not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{where}: expected numeric data, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise DataError(f"{where}: expected one row per example (2-D or image stack), got shape {x.shape}")
+    _check_layout(x.shape, where)
     if x.shape[0] < MIN_ROWS:
         raise DataError(f"{where}: only {x.shape[0]} rows; at least {MIN_ROWS} are needed")
     x = x.astype(np.float32, copy=False)
@@ -162,6 +171,16 @@ def _check_array(x: np.ndarray, where: str) -> np.ndarray:
     if bad:
         raise DataError(f"{where}: {bad} rows contain NaN or infinite values")
     return x
+
+
+def _check_layout(shape: tuple[int, ...], where: str) -> None:
+    """One row per example: (N, D) vectors, (N, H, W) or (N, C, H, W) images; no other layout is guessed at."""
+    if not 2 <= len(shape) <= 4:
+        raise DataError(f"{where}: expected rows (N, D) or images (N, H, W) or (N, C, H, W), "
+                        f"got a {len(shape)}-D array of shape {shape}")
+    if len(shape) == 4 and shape[1] not in IMAGE_CHANNELS:
+        raise DataError(f"{where}: a 4-D array must hold images (N, C, H, W) with 1 to 4 channels first, got shape "
+                        f"{shape}; for channels last (N, H, W, C) save x.transpose(0, 3, 1, 2)")
 
 
 def _non_finite_rows(x: np.ndarray) -> int:
@@ -267,16 +286,27 @@ def _read_numpy_file(path: Path) -> Arrays:
         if path.suffix == ".npy":
             return _from_array(np.load(path, allow_pickle=False), None, str(path))
         with np.load(path, allow_pickle=False) as npz:
-            keys = list(npz.keys())
-            if not keys:
-                raise DataError(f"{path}: the archive holds no arrays")
-            xkey = "x" if "x" in keys else keys[0]
-            ykey = next((k for k in ("y", "label", "labels") if k in keys), None)
-            return _from_array(npz[xkey], npz[ykey] if ykey else None, f"{path}[{xkey}]")
+            ykey = _npz_names(path, list(npz.keys()))
+            return _from_array(npz[FEATURES], npz[ykey] if ykey else None, f"{path}[{FEATURES}]")
     except DataError:
         raise
     except Exception as err:
         raise DataError(f"{path}: not a readable NumPy file ({err.__class__.__name__}: {err})") from None
+
+
+def _npz_names(path: Path, names: list[str]) -> str | None:
+    """Check an .npz holds ``x`` and at most one label array (nothing read by position); its label's name."""
+    expected = f"expected '{FEATURES}' (features) and optionally integer labels named one of {list(NPZ_LABELS)}"
+    if FEATURES not in names:
+        raise DataError(f"{path}: no array '{FEATURES}'; found {names}; {expected}")
+    labels = [k for k in NPZ_LABELS if k in names]
+    if len(labels) > 1:
+        raise DataError(f"{path}: holds both '{labels[0]}' and '{labels[1]}' as labels; keep one")
+    others = [k for k in names if k != FEATURES and k not in NPZ_LABELS]
+    if others:
+        listed = ", ".join(repr(k) for k in others)
+        raise DataError(f"{path}: unexpected array{'s' if len(others) > 1 else ''} {listed}; {expected}")
+    return labels[0] if labels else None
 
 
 def _read_png(p: Path) -> np.ndarray:
@@ -328,8 +358,123 @@ def user_file(path: str) -> Arrays:
     raise DataError(f"{p}: unsupported file type '{p.suffix}'; expected .parquet, .npz, .npy or a PNG folder")
 
 
+# ------------------------------------------------------------------------ MNIST, Fashion-MNIST
+_TORCHVISION_OPS: torch.library.Library | None = None  # kept for the process's lifetime (see below)
+
+
+def torchvision_datasets() -> Any:
+    """``torchvision.datasets``, also where torchvision's compiled extension cannot load.
+
+    A torchvision wheel built for CUDA beside a CPU-only torch fails on import with ``operator
+    torchvision::nms does not exist``: its meta registrations look up two operators the extension would
+    have defined. Defining their schemas (no kernels; only the dataset classes are used here, never
+    ``torchvision.ops``) lets the import finish. A torchvision that imports is left untouched.
+    """
+    global _TORCHVISION_OPS
+    try:
+        import torchvision.datasets
+    except RuntimeError as err:
+        if "torchvision::" not in str(err) or _TORCHVISION_OPS is not None:
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]  # the half-imported package, so the second import starts afresh
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_OPS = lib  # the definitions last as long as the library object
+        import torchvision.datasets
+    return torchvision.datasets
+
+
+def _raw_files(cls: Any) -> list[str]:
+    """The uncompressed IDX files torchvision reads, in its order (train images, labels, test images, labels)."""
+    return [name.removesuffix(".gz") for name, _ in cls.resources]
+
+
+def _download(cls: Any, root: str, folder: Path) -> None:
+    """torchvision's download (its mirrors, MD5 checks, gunzip) into ``folder``; one line if it fails."""
+    try:
+        with writing(folder, "check data.raw_dir"), contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+            cls(root, train=False, download=True)
+    except DiffencError:
+        raise
+    except (RuntimeError, OSError) as err:  # every mirror failed (several lines), or no network at all
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [err.__class__.__name__]
+        what = lines[0].removeprefix("Error downloading ").rstrip(":") if len(lines) > 1 else "the files"
+        raise DataError(f"{folder}: could not download {what} ({lines[-1]}); check the network, or copy the "
+                        f"four files {', '.join(_raw_files(cls))} there") from None
+
+
+def _idx_dims(path: Path, ndim: int) -> tuple[int, ...]:
+    """The dims of an IDX file of unsigned bytes (magic ``00 00 08 <ndim>``), its size checked against them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    magic = bytes([0, 0, 0x08, ndim])
+    if len(head) < len(magic) + 4 * ndim or head[:4] != magic:
+        raise DataError(f"{path}: not an IDX file of {ndim}-D unsigned bytes (magic {head[:4].hex() or 'missing'}, "
+                        f"expected {magic.hex()}); replace it with the original file")
+    dims = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size, expected = path.stat().st_size, len(head) + math.prod(dims)
+    if size != expected:
+        how = "truncated" if size < expected else "longer than its header says"
+        raise DataError(f"{path}: {how} ({size} bytes, its header gives {expected}); delete it and copy or "
+                        "download it again")
+    return dims
+
+
+def _check_raw(folder: Path, cls: Any, dataset: str) -> None:
+    """Every raw file present and whole, images 28 x 28 and one label per image, before anything is read."""
+    files = _raw_files(cls)
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        zipped = [f"{f}.gz" for f in missing if (folder / f"{f}.gz").is_file()]
+        found = f" (found {', '.join(zipped)}: torchvision reads the files uncompressed, gunzip them)" if zipped else ""
+        what = "no files" if len(missing) == len(files) else f"missing {', '.join(missing)}"
+        raise DataError(f"{folder}: {what}{found}; data.dataset={dataset} reads the four "
+                        f"uncompressed IDX files {', '.join(files)} there: set data.download=true to fetch them, "
+                        "or copy them there")
+    for images, labels in (files[0:2], files[2:4]):
+        n, h, w = _idx_dims(folder / images, 3)
+        (m,) = _idx_dims(folder / labels, 1)
+        if (h, w) != (STANDARD_SIDE, STANDARD_SIDE):
+            raise DataError(f"{folder / images}: {h}x{w} images; {dataset} images are "
+                            f"{STANDARD_SIDE}x{STANDARD_SIDE}")
+        if n != m or n == 0:
+            raise DataError(f"{folder / images}: {n} images but {m} labels in {labels}")
+
+
+def standard(cfg: DataConfig) -> Arrays:
+    """MNIST or Fashion-MNIST through torchvision's dataset classes, from ``<raw_dir>/<Class>/raw/`` (offline
+    unless ``data.download``): the official training set, then its test set (``test_from``), in [0, 1]."""
+    cls = getattr(torchvision_datasets(), STANDARD[cfg.dataset])
+    folder = Path(cfg.raw_dir) / cls.__name__ / "raw"  # torchvision's layout (its ``raw_folder``)
+    if cfg.download:
+        _download(cls, cfg.raw_dir, folder)
+    _check_raw(folder, cls, cfg.dataset)
+    try:
+        parts = [cls(cfg.raw_dir, train=train) for train in (True, False)]
+    except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as err:
+        raise DataError(f"{folder}: unreadable by torchvision ({err.__class__.__name__}: {err})") from None
+    n = sum(len(p.data) for p in parts)
+    x = np.empty((n, STANDARD_SIDE * STANDARD_SIDE), dtype=np.float32)
+    label = np.empty(n, dtype=np.int64)
+    row = 0
+    for part in parts:
+        images = part.data.numpy().reshape(len(part.data), -1)
+        np.divide(images, np.float32(255), out=x[row : row + len(images)])  # uint8 -> [0, 1], no float64 copy
+        label[row : row + len(images)] = part.targets.numpy()
+        row += len(images)
+    return Arrays(x=x, label=label, image_shape=(1, STANDARD_SIDE, STANDARD_SIDE),
+                  extra={"classes": list(cls.classes)}, test_from=len(parts[0].data))
+
+
 def load_source(cfg: DataConfig) -> Arrays:
     """The full dataset named by ``cfg.dataset``."""
+    if cfg.dataset in STANDARD:
+        return standard(cfg)
     if cfg.dataset == "digits":
         return digits()
     if cfg.dataset == "sprites":
@@ -342,25 +487,48 @@ def load_source(cfg: DataConfig) -> Arrays:
 
 
 # ---------------------------------------------------------------------------------- splitting
-def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """A seeded permutation cut into train / val / test (each non-empty)."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(n * val_fraction))
-    n_test = max(1, round(n * test_fraction))
-    n_train = n - n_val - n_test
-    if n_train < 1:
+def split_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int, test_from: int | None = None
+) -> dict[str, np.ndarray]:
+    """A seeded permutation cut into train / val / test (each non-empty). With ``test_from`` the rows from
+    there on are the dataset's own test set and val is cut from the rows before it (no test_fraction)."""
+    pool = n if test_from is None else test_from
+    perm = np.random.default_rng(seed).permutation(pool)
+    n_val = max(1, round(pool * val_fraction))
+    n_test = max(1, round(n * test_fraction)) if test_from is None else 0
+    n_train = pool - n_val - n_test
+    if n_train < 1 or (test_from is not None and test_from >= n):
         raise DataError(f"{n} rows are too few to split into train/val/test")
-    return {
-        "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train : n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val :]),
-    }
+    test = perm[n_train + n_val :] if test_from is None else np.arange(test_from, n)
+    return {"train": np.sort(perm[:n_train]), "val": np.sort(perm[n_train : n_train + n_val]), "test": np.sort(test)}
 
 
-def to_table(arrays: Arrays, idx: np.ndarray, start: int = 0) -> pa.Table:
+def binarizer(seed: int, split: str) -> np.random.Generator:
+    """The stream that binarises one split, from ``data.seed``: the same pixels whatever the row groups."""
+    return np.random.default_rng([seed, BINARIZE_STREAM, SPLITS.index(split)])
+
+
+def binarized_splits(mode: str) -> tuple[str, ...]:
+    """The splits prepared as 0/1 samples: val and test for ``dynamic`` (the trainer samples every
+    training batch afresh from the intensities), every split for ``fixed``."""
+    return {"none": (), "dynamic": ("val", "test"), "fixed": SPLITS}[mode]
+
+
+def _check_unit_range(x: np.ndarray, cfg: DataConfig) -> None:
+    """Binarising reads features as Bernoulli probabilities: they must lie in [0, 1]."""
+    lo, hi = float(x.min()), float(x.max())  # reductions: no temporary the size of x
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(f"data.binarize: '{cfg.binarize}' needs features in [0, 1] (pixel intensities), found "
+                        f"[{lo:.4g}, {hi:.4g}] in data.dataset={cfg.dataset}; use data.binarize=none")
+
+
+def to_table(arrays: Arrays, idx: np.ndarray, start: int = 0, binarize: np.random.Generator | None = None) -> pa.Table:
     """The checked schema: ``index``, ``x`` (fixed-size list<float32>), optional label and factors;
-    rows ``idx`` of ``arrays``, the ``start``-th row of their split onwards."""
+    rows ``idx`` of ``arrays``, the ``start``-th row of their split onwards; with ``binarize`` the
+    features are one Bernoulli sample of them (0 or 1) drawn from that stream."""
     x = arrays.x[idx]
+    if binarize is not None:
+        x = (binarize.random(x.shape, dtype=np.float32) < x).astype(np.float32)
     flat = pa.array(x.reshape(-1), type=pa.float32())
     cols: dict[str, pa.Array] = {
         "index": pa.array(np.arange(start, start + len(idx), dtype=np.int64)),
@@ -374,12 +542,12 @@ def to_table(arrays: Arrays, idx: np.ndarray, start: int = 0) -> pa.Table:
     return pa.table(cols)
 
 
-def _write_split(arrays: Arrays, idx: np.ndarray, path: Path) -> None:
-    """Rows ``idx`` of ``arrays`` as a Parquet file, a row group at a time."""
+def _write_split(arrays: Arrays, idx: np.ndarray, path: Path, binarize: np.random.Generator | None = None) -> None:
+    """Rows ``idx`` of ``arrays`` as a Parquet file, a row group at a time (binarised from that stream)."""
     writer: pq.ParquetWriter | None = None
     try:
         for start in range(0, len(idx), ROWS_PER_GROUP):
-            table = to_table(arrays, idx[start : start + ROWS_PER_GROUP], start)
+            table = to_table(arrays, idx[start : start + ROWS_PER_GROUP], start, binarize)
             writer = writer or pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
     finally:
@@ -396,9 +564,10 @@ def _sha256(path: Path) -> str:
 
 
 def recipe(cfg: DataConfig) -> dict[str, Any]:
-    """Everything in ``cfg`` that decides the prepared data (not where it is written); a user
-    file's path is made absolute so the same file named two ways is the same recipe."""
-    out = cfg.model_dump(mode="json", exclude={"root"})
+    """Everything in ``cfg`` that decides the prepared data (not where it is written, nor whether the raw
+    files were downloaded); a user file's path is made absolute so the same file named two ways is the
+    same recipe."""
+    out = cfg.model_dump(mode="json", exclude={"root", "download"})
     if cfg.dataset == "file" and cfg.path:
         out["path"] = str(Path(cfg.path).resolve())
     return out
@@ -413,24 +582,40 @@ def is_prepared(cfg: DataConfig) -> bool:
     return manifest.get("recipe") == recipe(cfg)
 
 
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A fresh uniquely named folder with the umask's permissions (``mkdtemp`` makes it 0700 and the mode
+    survives the rename, so a dashboard or DVC under another account could not read the data)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def prepare(cfg: DataConfig) -> Path:
     """Build the prepared dataset folder atomically and return its path.
 
-    Everything is written into a temporary sibling folder that replaces the target only once
-    complete, so an interrupted or failed prepare leaves the previous state untouched.
+    The source is read and checked whole first; everything is then written into a temporary sibling
+    folder that replaces the target only once complete, so a refused, interrupted or failed prepare
+    leaves the previous state untouched.
     """
     arrays = load_source(cfg)
+    if cfg.binarize != "none":
+        _check_unit_range(arrays.x, cfg)
     rec = recipe(cfg)
-    parts = split_indices(arrays.x.shape[0], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    parts = split_indices(arrays.x.shape[0], cfg.val_fraction, cfg.test_fraction, cfg.seed, arrays.test_from)
     target = cfg.prepared_dir
     with writing(target, "check data.root"):  # a read-only or full disk: one line, nothing replaced
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = _new_folder(target.parent, f".{target.name}.")
         try:
             hashes = {}
             for split, idx in parts.items():
                 path = tmp / f"{split}.parquet"
-                _write_split(arrays, idx, path)
+                binarize = binarizer(cfg.seed, split) if split in binarized_splits(cfg.binarize) else None
+                _write_split(arrays, idx, path, binarize)
                 hashes[f"{split}.parquet"] = _sha256(path)
             manifest = {
                 "dataset": cfg.dataset,
@@ -441,6 +626,8 @@ def prepare(cfg: DataConfig) -> Path:
                 "image_shape": list(arrays.image_shape) if arrays.image_shape else None,
                 "has_label": arrays.label is not None,
                 "factors": list(arrays.factors),
+                "official_test": arrays.test_from is not None,  # the dataset's own test set, not a random cut
+                "binarize": cfg.binarize,
                 "sha256": hashes,
                 "recipe": rec,
                 **arrays.extra,

@@ -5,14 +5,14 @@ A job is ``size`` processes (ranks) started by torchrun's agent (``torchrun``, o
 CUDA, one device per local rank. DistributedDataParallel averages the gradients; this module holds
 the rest of what the trainer needs, and collapses to plain code in one process (``World()``):
 
-- **shards**: training example ``i`` belongs to rank ``i % size`` for the whole run, with its
-  persistent chain and step size. A step's global batch (``train.batch_size``, the same as in one
-  process) is split by owner; each rank's loss is weighted by its share, so DDP's average is the
-  gradient of the global-batch mean (:meth:`World.loss_scale`);
-- **checkpoints**: per-example state gathered to rank 0 in example order, so a checkpoint looks the
-  same whatever the world size, and sliced again on resume (:meth:`World.gather_rows`, :meth:`World.rows`);
-- **agreement**: a step's statistics, stop requests and setup errors are decided together, so every
-  rank takes the same branch (no rank waits in a collective the others skipped);
+- **shares**: a step's global batch (``train.batch_size``, the same batches as in one process) is cut
+  into ``size`` equal contiguous parts, one per rank (:meth:`World.share`), so DDP's plain gradient
+  average is the gradient of the global-batch mean;
+- **replicated state**: every rank holds every training example and every example's E-step chain;
+  after its E-step each rank sends its part's ``(idx, z*, step size)`` to all (one all-gather,
+  :meth:`World.all_gather_rows`), so the chains stay identical everywhere and a checkpoint is rank 0's;
+- **agreement**: stop requests, the elapsed time, a log step's statistics and setup errors are decided
+  together, so every rank takes the same branch (no rank waits in a collective the others skipped);
 - **failures**: the first rank that fails records itself as the root cause in the job's store; the
   others stop quietly (:class:`PeerStopped`). Collectives time out (``train.dist_timeout_s``), and a
   dead peer is noticed at once, so a failing rank ends the job with one message and never a hang.
@@ -27,7 +27,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,15 +48,9 @@ USER_ERROR_EXIT = 2  # the CLI's status for a user mistake (DiffencError)
 PEER_STOPPED_EXIT = 1  # a rank that stopped because another one failed
 ROOT_CAUSE_KEY = "diffenc/root-cause"
 STORE_TIMEOUT_S = 10.0  # a job store that does not answer within this is gone (its agent died)
-MAX_STATS = frozenset({"retries"})  # step statistics merged by their maximum, not the batch mean
+MAX_STATS = frozenset({"retries"})  # step statistics merged by their maximum, not the mean over ranks
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-WIRE_DTYPES = {torch.bool: torch.uint8}  # dtypes gloo cannot move, and what they travel as
 COLLECTIVE_MARKS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
-
-
-def weighted(loss: Tensor, scale: float) -> Tensor:
-    """``loss`` times this rank's share of the global batch; untouched (bit for bit) at 1."""
-    return loss if scale == 1.0 else loss * scale
 
 
 class LossModule(nn.Module):
@@ -75,15 +69,15 @@ class LossModule(nn.Module):
 
 class DataParallelMethod:
     """What a training method shares with a job of several processes: its losses (a :class:`LossModule`
-    each, kept in a plain dict so the state dict keeps its keys) and this rank's share of the global
-    batch, by which its losses are weighted (1 alone)."""
+    each, kept in a plain dict so the state dict keeps its keys) and the job it trains in."""
 
-    loss_scale: float = 1.0
     losses: dict[str, nn.Module]
+    world: World  # set below the class: the one-process world until ``distribute``
 
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """Route every loss through ``wrap`` (DistributedDataParallel when several processes train)."""
-        self.losses = {name: wrap(module) for name, module in self.losses.items()}
+    def distribute(self, world: World) -> None:
+        """Train in ``world``: every loss through DistributedDataParallel when several processes train."""
+        self.world = world
+        self.losses = {name: world.wrap(module) for name, module in self.losses.items()}
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -123,19 +117,6 @@ def _collective_failure(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(mark in str(err) for mark in COLLECTIVE_MARKS))
 
 
-def merge_stats(counts: Tensor, values: Tensor, keys: list[str], n_global: int) -> dict[str, float]:
-    """The global batch's statistics from each rank's (row) means over its ``counts`` examples: the
-    example-weighted mean, or the maximum for ``MAX_STATS``. A rank with no example of the batch (it
-    took a zero-weight step) does not count."""
-    counted = counts > 0
-    weights = counts[counted] / n_global
-    merged = {}
-    for j, key in enumerate(keys):
-        col = values[counted, j]
-        merged[key] = (col.max() if key in MAX_STATS else (col * weights).sum()).item()
-    return merged
-
-
 def _backend_reason(err: BaseException) -> str:
     """The gist of a backend's error: its first sentence, without the ``[source.cc:123]`` in front."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -160,42 +141,28 @@ class World:
     def parallel(self) -> bool:
         return self.size > 1
 
-    # ------------------------------------------------------------------------------ shards
-    def shard(self, idx: Tensor) -> Tensor:
-        """This rank's part of the global batch ``idx``, as rows of its own examples."""
+    # ------------------------------------------------------------------------------ shares
+    def check_batch(self, batch_size: int, n_train: int) -> None:
+        """The global batch must split into equal shares (so the gradient average is the batch mean)."""
+        if self.parallel and (batch_size % self.size or n_train < batch_size):
+            raise ConfigError(f"train.batch_size: {batch_size} must be a multiple of the {self.size} processes and "
+                              f"at most the {n_train} training examples")
+
+    def share(self, idx: Tensor) -> Tensor:
+        """This rank's part of the global batch ``idx``: the ``rank``-th of ``size`` equal contiguous parts."""
+        return idx if not self.parallel else idx.tensor_split(self.size)[self.rank]
+
+    def all_gather_rows(self, *parts: Tensor) -> tuple[Tensor, ...]:
+        """Every rank's rows of each tensor, concatenated in rank order (the whole batch's, on every rank)."""
         if not self.parallel:
-            return idx
-        mine = idx[idx % self.size == self.rank]
-        return torch.div(mine, self.size, rounding_mode="floor")
-
-    def owned(self, n: int) -> int:
-        """How many of ``n`` examples this rank owns."""
-        return len(range(self.rank, n, self.size))
-
-    def loss_scale(self, n_local: int, n_global: int) -> float:
-        """The weight of this rank's mean loss, so DDP's average over ranks is the global-batch mean."""
-        return 1.0 if not self.parallel else self.size * n_local / n_global
-
-    def rows(self, full: Tensor) -> Tensor:
-        """This rank's rows (``rank, rank + size, ...``) of a per-example tensor; all of it in one process."""
-        return full if not self.parallel else full[self.rank :: self.size].clone()
-
-    def gather_rows(self, local: Tensor, n: int) -> Tensor | None:
-        """The whole ``(n, ...)`` per-example tensor, in example order, on rank 0 (None elsewhere)."""
-        if not self.parallel:
-            return local
-        wire = WIRE_DTYPES.get(local.dtype, local.dtype)
-        width = -(-n // self.size)
-        send = torch.zeros((width, *local.shape[1:]), dtype=wire)
-        send[: local.shape[0]] = local.detach().cpu().to(wire)
-        parts = [torch.empty_like(send) for _ in range(self.size)] if self.is_main else None
-        dist.gather(send, parts, dst=0)
-        if parts is None:
-            return None
-        full = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
-        for rank, part in enumerate(parts):
-            full[rank :: self.size] = part[: len(range(rank, n, self.size))].to(local.dtype)
-        return full
+            return parts
+        out = []
+        for part in parts:
+            wire = part.float() if part.dtype == torch.bool else part
+            gathered = [torch.empty_like(wire) for _ in range(self.size)]
+            dist.all_gather(gathered, wire.contiguous())
+            out.append(torch.cat(gathered).to(part.dtype))
+        return tuple(out)
 
     # ---------------------------------------------------------------------------- agreement
     def objects(self, obj: Any) -> list[Any]:
@@ -269,21 +236,26 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def sync_step(self, stats: dict[str, float], n_local: int, n_global: int, seconds: float, signum: int,
-                  request: bool) -> tuple[dict[str, float], float, int, bool]:
-        """One collective per step: the global batch's statistics (each rank's mean weighted by its
-        examples; ``MAX_STATS`` by their maximum), rank 0's step time (the others' include waiting for
-        its validation and checkpoints), and the stop requests of any rank (a signal, a stop file)."""
+    def agree_step(self, stop: int, elapsed_s: float) -> tuple[int, float]:
+        """After a step: the largest stop code of any rank (0: go on), and rank 0's training clock (the time
+        budget and the learning-rate schedule read it, so every rank must see the same). One small all-reduce."""
         if not self.parallel:
-            return stats, seconds, signum, request
+            return stop, elapsed_s
+        t = torch.tensor([float(stop), elapsed_s if self.is_main else 0.0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t[0]), float(t[1])
+
+    def mean_stats(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """A log step's statistics as floats: the mean over ranks (equal shares), ``MAX_STATS`` by their maximum."""
         keys = sorted(stats)
-        head = [float(n_local), seconds, float(signum), float(request)]
-        row = torch.tensor(head + [float(stats[k]) for k in keys], dtype=torch.float64)
-        rows = [torch.empty_like(row) for _ in range(self.size)]
-        dist.all_gather(rows, row)
-        table = torch.stack(rows)
-        merged = merge_stats(table[:, 0], table[:, len(head):], keys, n_global)
-        return merged, table[0, 1].item(), int(table[:, 2].max().item()), bool(table[:, 3].max().item())
+        row = torch.stack([stats[k].detach().double().cpu().reshape(()) for k in keys])
+        if self.parallel:
+            rows = [torch.empty_like(row) for _ in range(self.size)]
+            dist.all_gather(rows, row)
+            table = torch.stack(rows)
+            row = torch.stack([table[:, j].max() if k in MAX_STATS else table[:, j].mean()
+                               for j, k in enumerate(keys)])
+        return dict(zip(keys, row.tolist(), strict=True))
 
     # ------------------------------------------------------------------------------ failure
     def failure(self, err: BaseException) -> BaseException:
@@ -322,6 +294,7 @@ class World:
                                                    **_no_buffer_sync())
 
 
+DataParallelMethod.world = World()
 _WORLD = World()
 _JOINED_RANK: int | None = None  # this process's rank in the job it joined (kept after leaving, for messages)
 
@@ -436,14 +409,3 @@ def _prefixed(err: BaseException) -> BaseException:
     out = type(err).__new__(type(err))
     out.args = (f"rank {_JOINED_RANK}: {err}",)
     return out
-
-
-@contextlib.contextmanager
-def untouched(buffers: dict[str, Tensor], rows: Tensor) -> Iterator[None]:
-    """The per-example ``buffers`` at ``rows`` as they were before the block (a zero-weight step)."""
-    kept = {name: buf[rows].clone() for name, buf in buffers.items()}
-    try:
-        yield
-    finally:
-        for name, buf in buffers.items():
-            buf[rows] = kept[name]

@@ -1,41 +1,47 @@
-"""The alternating trainer of the diffusion encoder (docs/method.md §3, §10).
+"""The diffusion encoder trained by alternating EM (docs/method.md §3, §10).
 
-A diffusion run has two phases. The first ``em.vae_steps`` train the encoder's Gaussian head and
-the decoder together as a Gaussian VAE (the reparameterised ELBO), so EM starts from a decoder
-that a Gaussian already encodes well (or they come from a VAE run: ``train.warm_start``). Then,
-per mini-batch: an E-step (encoder sample or persistent chain, refined by MALA on the
-beta-tempered energy with the alignment term; optionally a tempered-SMC start that moves mass
-between modes), ``encoder_updates`` steps of the plain denoising loss on ``(x, z*)`` (the head
-fitted by the Gaussian NLL of ``z*`` or by the ELBO), then ``decoder_updates`` M-steps whose
-latents ``em.m_step`` chooses: none (``frozen``), the paper's ``z*``, or the encoder's own samples
-(the ELBO's decoder gradient, no backpropagation through the sampler). Persistent chains and
-per-example step sizes are kept for every training example and saved with the checkpoint.
+A diffusion run has two phases. The first ``em.vae_steps`` train the encoder's Gaussian head and the
+decoder together as a Gaussian VAE (the baseline's loss), so EM starts from a decoder a Gaussian
+already encodes well (or they come from a VAE run: ``train.warm_start``). Then every step is one
+round of §3 on a mini-batch:
+
+1. **E-step**: each example's ``z0`` (its persistent chain, an encoder sample, or a tempered-SMC draw)
+   refined by Langevin on ``q*_β(z|x) ∝ p(z) p(x|z)^(1/β)`` into ``z*``; every example keeps its chain
+   and adapted step size;
+2. **encoder updates**: the plain denoising loss on pairs ``(x, z*)`` (the batch's own, then pairs
+   replayed from every example's chain), the Gaussian head by the ELBO or by the NLL of ``z*``;
+3. **M-step**: the decoder fitted by ``-log p(x|z)`` to the latents ``em.m_step`` chooses (none when
+   ``frozen``).
+
+Values stay tensors (no host synchronisation); the trainer reads them on log steps.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from diffenc_core import langevin, optim
 from diffenc_core.config import Config
-from diffenc_core.distributed import DataParallelMethod, LossModule, weighted
+from diffenc_core.distributed import DataParallelMethod, LossModule
 from diffenc_core.encoder import DiffusionEncoder
-from diffenc_core.langevin import e_step
 from diffenc_core.networks import build_decoder
 from diffenc_core.smc import tempered_smc
 from diffenc_core.vae import reparameterised_elbo
 
+Examples = Callable[[Tensor], Tensor]
+"""Training examples by index (a fresh binarisation each call for dynamically binarised data)."""
+
 
 @contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Parameters of ``module`` that require grad are frozen inside the block (gradients flow
-    through it to its inputs, none accumulate in it), then restored."""
+def parameters_fixed(module: nn.Module) -> Iterator[None]:
+    """Inside the block no gradient accumulates in ``module``'s parameters (it still flows to its inputs)."""
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
@@ -47,11 +53,9 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 class DiffusionEM(DataParallelMethod, nn.Module):
-    """Diffusion encoder + decoder + the E-step state of every training example."""
+    """Diffusion encoder + decoder + every training example's E-step state."""
 
     name = "diffusion"
-    PER_EXAMPLE = ("chains", "has_chain", "log_step")
-    """Buffers with one row per training example: sharded over processes, gathered for checkpoints."""
 
     def __init__(
         self,
@@ -62,160 +66,161 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         decoder: nn.Module | None = None,
     ):
         super().__init__()
-        self.cfg = cfg
-        self.em = cfg.em
-        self.beta = cfg.train.beta
+        self.cfg, self.em, self.beta = cfg, cfg.em, cfg.train.beta
         self.vae_steps = cfg.vae_phase_steps
-        self.grad_clip = cfg.train.grad_clip
+        self.clip = cfg.train.grad_clip
         # with a VAE phase the head and decoder start as the VAE baseline's encoder and decoder do
         self.encoder = DiffusionEncoder.from_config(cfg.model, x_dim, image_shape, zero_head=self.vae_steps == 0)
-        self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape)
-        d = cfg.model.latent_dim
-        self.register_buffer("chains", torch.zeros(n_train, d))
+        self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape,
+                                                                         cfg.likelihood)
+        # §3.1: each example's chain (its latest z*), whether it has one yet, its adapted MALA step size
+        self.register_buffer("chains", torch.zeros(n_train, cfg.model.latent_dim))
         self.register_buffer("has_chain", torch.zeros(n_train, dtype=torch.bool))
         self.register_buffer("log_step", torch.full((n_train,), math.log(cfg.em.step_size)))
-        self.opt_encoder = torch.optim.Adam(self.encoder.parameters(), lr=cfg.train.lr_encoder)
+        self.opt_encoder = optim.adam(self.encoder.parameters(), cfg.train.lr_encoder)
         trainable = [p for p in self.decoder.parameters() if p.requires_grad]
-        # a known (toy) decoder has no parameters: then there is no M-step
-        self.opt_decoder = torch.optim.Adam(trainable, lr=cfg.train.lr_decoder) if trainable else None
-        self.ema: DiffusionEncoder | None = None
-        if cfg.train.ema > 0:
-            self.ema = copy.deepcopy(self.encoder).requires_grad_(False)
-        # each loss with exactly the modules it trains (what DDP wraps)
+        self.opt_decoder = optim.adam(trainable, cfg.train.lr_decoder) if trainable else None  # none: a toy's truth
+        self.ema = copy.deepcopy(self.encoder).requires_grad_(False) if cfg.train.ema > 0 else None
+        self.examples: Examples | None = None
+        # each loss with exactly the modules it trains (what DistributedDataParallel wraps)
         self.losses = {"encoder": LossModule(self.encoder_loss, encoder=self.encoder)}
         if self.encoder.head is not None:
-            self.losses["vae"] = LossModule(self._vae_elbo, head=self.encoder.head, decoder=self.decoder)
+            self.losses["vae"] = LossModule(self.vae_loss, head=self.encoder.head, decoder=self.decoder)
         if self.opt_decoder is not None:
-            self.losses["decoder"] = LossModule(self._decoder_nll, decoder=self.decoder)
+            self.losses["decoder"] = LossModule(self.decoder_loss, decoder=self.decoder)
 
-    def attach_data(self, x_train: Tensor) -> None:
-        """The training examples the chains belong to (row ``i`` of ``x_train`` owns chain ``i``):
-        chain replay draws encoder pairs from them."""
-        if x_train.shape[0] != self.chains.shape[0]:
-            raise ValueError(f"{x_train.shape[0]} training examples for {self.chains.shape[0]} chains")
-        self.x_train = x_train
+    def attach_data(self, examples: Examples) -> None:
+        """Where chain replay reads ``x`` for the examples it draws (row ``i`` owns chain ``i``)."""
+        self.examples = examples
 
-    def replay_batch(self, size: int) -> tuple[Tensor, Tensor] | None:
-        """``size`` random ``(x, z*)`` pairs from the examples that have a chain, or None."""
-        x_train = getattr(self, "x_train", None)
-        if x_train is None or not (self.em.replay_chains and self.em.persistent):
-            return None
-        ready = self.has_chain.nonzero().squeeze(-1)
-        if ready.numel() == 0:
-            return None
-        pick = ready[torch.randint(0, ready.numel(), (size,), device=ready.device)]
-        return x_train[pick], self.chains[pick]
-
-    # ------------------------------------------------------------------------------ E-step
-    def initial_latents(self, idx: Tensor, x: Tensor) -> Tensor:
-        """``z0``: the persistent chain where one exists, else a fresh encoder sample (§3.1)."""
-        if not self.em.persistent:
-            return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="dpmpp2m")
-        z0 = self.chains[idx].clone()
-        need = ~self.has_chain[idx]
-        if need.any():
-            z0[need] = self.encoder.sample(x[need], steps=self.em.init_sampler_steps, sampler="dpmpp2m")
-        return z0
-
-    def e_step(self, step: int, idx: Tensor, x: Tensor) -> tuple[Tensor, dict[str, float]]:
-        em = self.em
-        stats: dict[str, float] = {}
-        with frozen(self.decoder):
-            if em.e_step == "smc":
-                smc = tempered_smc(
-                    self.decoder.log_prob,
-                    x,
-                    z_dim=self.chains.shape[1],
-                    beta=self.beta,
-                    particles=em.smc.particles,
-                    temperatures=em.smc.temperatures,
-                    moves=em.smc.moves,
-                    step_size=em.step_size,
-                    step_max=em.step_size_max,
-                )
-                z0 = smc.z
-                stats["ess"] = smc.ess.mean().item()
-            else:
-                z0 = self.initial_latents(idx, x)
-            em_step = step - self.vae_steps
-            steps = em.warmup_langevin_steps if em_step < em.warmup_steps else em.langevin_steps
-            res = e_step(
-                self.decoder.log_prob,
-                x,
-                z0,
-                self.log_step[idx],
-                max_retries=em.max_retries,
-                steps=steps,
-                beta=self.beta,
-                alignment=em.alignment,
-                z_anchor=z0,
-                adjust=em.e_step != "ula",
-                target_accept=em.target_accept,
-                adapt_rate=em.adapt_rate,
-                step_max=em.step_size_max,
-            )
-        self.chains[idx] = res.z
-        self.has_chain[idx] = True
-        self.log_step[idx] = res.log_step
-        stats.update(
-            sync_gap=res.gap.mean().item(),
-            accept=res.accept.mean().item(),
-            move=res.move.mean().item(),
-            step_size=res.log_step.exp().mean().item(),
-            langevin_steps=float(steps),
-            retries=float(res.retries),
-        )
-        return res.z, stats
-
-    # ------------------------------------------------------------------------ the updates
-    def _update(self, opt: torch.optim.Optimizer, params: Any, loss: Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        weighted(loss, self.loss_scale).backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, self.grad_clip)
-        opt.step()
-
-    def in_vae_phase(self, step: int) -> bool:
-        return step < self.vae_steps
-
-    def phase_bounds(self, step: int, total: int) -> tuple[int, int]:
-        """``[start, end)`` of the phase ``step`` is in: the learning-rate schedule restarts per phase."""
-        return (0, self.vae_steps) if self.in_vae_phase(step) else (self.vae_steps, total)
-
-    def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
-        """One training step on a mini-batch; returns scalars for the history."""
-        if self.in_vae_phase(step):
+    # ------------------------------------------------------------------------------ a step
+    def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """One training step on the mini-batch ``(idx, x)``: the VAE phase's or one EM round."""
+        if step < self.vae_steps:
             return self.vae_step(x)
-        if step == self.vae_steps and step > 0:
+        if step == self.vae_steps > 0:
             self.start_em()
         return self.em_step(step, idx, x)
 
-    def vae_step(self, x: Tensor) -> dict[str, float]:
-        """The VAE phase: head and decoder by the reparameterised ELBO, exactly the baseline's loss."""
-        head = self.encoder.head
-        assert head is not None, "config validation guarantees a head for the VAE phase"
-        loss, rec, kl = self.losses["vae"](x)
-        opts = self.optimizers()
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        weighted(loss, self.loss_scale).backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_([*head.parameters(), *self.decoder.parameters()], self.grad_clip)
-        for opt in opts:
-            opt.step()
-        return {"loss_vae": loss.item(), "recon_nll": rec.mean().item(), "rate": kl.mean().item(),
-                "sigma_x": self.decoder.sigma().item()}
+    def em_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """One round of docs/method.md §3: E-step, encoder updates, M-step."""
+        z_star, stats = self.e_step(step, idx, x)
+        for pairs in self.encoder_pairs(x, z_star):
+            stats["loss_encoder"] = optim.update(self.losses["encoder"](*pairs), self.opt_encoder, clip=self.clip)
+        stats["recon_nll"] = self.m_step(x, z_star, stats.pop("log_lik"))
+        if self.ema is not None:  # the amortised encoder evaluation uses, averaged over steps
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.encoder.parameters()), 1.0 - self.cfg.train.ema)
+        return stats
 
-    def _vae_elbo(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def vae_step(self, x: Tensor) -> dict[str, Tensor]:
+        """The VAE phase: head and decoder by the reparameterised ELBO, exactly the baseline's step."""
+        loss, rec, kl = self.losses["vae"](x)
+        optim.update(loss, *self.optimizers(), clip=self.clip)
+        return {"loss_vae": loss.detach(), "recon_nll": rec.mean(), "rate": kl.mean(), **self.decoder_stats()}
+
+    # ------------------------------------------------------------------------- 1. E-step
+    def e_step(self, step: int, idx: Tensor, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """§3.1: ``z*`` for the batch, kept as every example's chain (on every process of a job)."""
+        em = self.em
+        with parameters_fixed(self.decoder):
+            z0, stats = self.initial_latents(idx, x)
+            warming = step - self.vae_steps < em.warmup_steps
+            res = langevin.refine(
+                self.decoder.log_prob, x, z0, self.log_step[idx],
+                steps=em.warmup_langevin_steps if warming else em.langevin_steps,
+                beta=self.beta, alignment=em.alignment, z_anchor=z0, adjust=em.e_step != "ula",
+                target_accept=em.target_accept, adapt_rate=em.adapt_rate, step_max=em.step_size_max,
+                max_retries=em.max_retries,
+            )
+        all_idx, all_z, all_log_step = self.world.all_gather_rows(idx, res.z, res.log_step)
+        self.chains[all_idx], self.log_step[all_idx] = all_z, all_log_step
+        self.has_chain[all_idx] = True
+        return res.z, {**stats, "log_lik": res.log_lik, "sync_gap": res.gap.mean(), "accept": res.accept.mean(),
+                       "move": res.move.mean(), "step_size": res.log_step.exp().mean(),
+                       "retries": torch.tensor(float(res.retries))}
+
+    def initial_latents(self, idx: Tensor, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``z0``: a tempered-SMC draw (``em.e_step: smc``), else the example's chain, else an encoder sample."""
+        em = self.em
+        if em.e_step == "smc":
+            smc = tempered_smc(self.decoder.log_prob, x, z_dim=self.chains.shape[1], beta=self.beta,
+                               particles=em.smc.particles, temperatures=em.smc.temperatures, moves=em.smc.moves,
+                               step_size=em.step_size, step_max=em.step_size_max)
+            return smc.z, {"ess": smc.ess.mean()}
+        if not em.persistent:
+            return self.encoder.sample(x, steps=em.init_sampler_steps, sampler="dpmpp2m"), {}
+        z0 = self.chains[idx].clone()
+        need = ~self.has_chain[idx]
+        if need.any():
+            z0[need] = self.encoder.sample(x[need], steps=em.init_sampler_steps, sampler="dpmpp2m")
+        return z0, {}
+
+    # ---------------------------------------------------------------- 2. encoder updates
+    def encoder_pairs(self, x: Tensor, z_star: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """§3.2: the batch's own pairs, then (``em.replay_chains``) pairs drawn from every example's chain."""
+        yield x, z_star
+        for _ in range(self.em.encoder_updates - 1):
+            yield self.replay_pairs(x.shape[0]) if self.replays else (x, z_star)
+
+    @property
+    def replays(self) -> bool:
+        return self.em.replay_chains and self.em.persistent and self.examples is not None
+
+    def replay_pairs(self, size: int) -> tuple[Tensor, Tensor]:
+        """``size`` random ``(x, z*)`` pairs from the examples that have a chain."""
+        ready = self.has_chain.nonzero().squeeze(-1)
+        pick = ready[torch.randint(0, ready.numel(), (size,), device=ready.device)]
+        assert self.examples is not None
+        return self.examples(pick), self.chains[pick]
+
+    def encoder_loss(self, x: Tensor, z_star: Tensor) -> Tensor:
+        """Denoising on ``(x, z*)``; the Gaussian head by the NLL of ``z*`` or by the ELBO (decoder fixed)."""
+        if self.em.head_loss == "nll" or self.encoder.head is None:
+            return self.encoder.loss(x, z_star)
+        with parameters_fixed(self.decoder):  # the decoder learns only in the M-step
+            elbo_loss, _, _ = reparameterised_elbo(self.encoder.head, self.decoder, x, self.beta)
+        return self.encoder.loss(x, z_star, fit_head=False) + elbo_loss
+
+    # ---------------------------------------------------------------------- 3. M-step
+    def m_step(self, x: Tensor, z_star: Tensor, log_lik: Tensor) -> Tensor:
+        """§3.3: ``em.decoder_updates`` fits of the decoder; returns ``-log p(x|z)`` (the E-step's when frozen)."""
+        if not self.updates_decoder:
+            return -log_lik.mean()
+        assert self.opt_decoder is not None
+        for _ in range(self.em.decoder_updates):
+            loss = optim.update(self.losses["decoder"](x, self.m_step_latents(x, z_star)), self.opt_decoder,
+                                clip=self.clip)
+        return loss
+
+    @property
+    def updates_decoder(self) -> bool:
+        """Whether EM has an M-step: not for a frozen or known (parameter-free) decoder."""
+        return self.opt_decoder is not None and self.em.m_step != "frozen"
+
+    @torch.no_grad()
+    def m_step_latents(self, x: Tensor, z_star: Tensor) -> Tensor:
+        """The latents the decoder is fitted to: ``z*`` (the paper's), encoder or head samples."""
+        if self.em.m_step == "zstar":
+            return z_star
+        if self.em.m_step == "encoder":
+            return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="dpmpp2m")
+        mu, log_std = self.encoder.head(x)
+        return mu + log_std.exp() * torch.randn_like(mu)
+
+    def decoder_loss(self, x: Tensor, z: Tensor) -> Tensor:
+        return -self.decoder.log_prob(x, z).mean()
+
+    def vae_loss(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         assert self.encoder.head is not None
         return reparameterised_elbo(self.encoder.head, self.decoder, x, self.beta)
 
-    def _decoder_nll(self, x: Tensor, z: Tensor) -> Tensor:
-        return -self.decoder.log_prob(x, z).mean()
+    # --------------------------------------------------------------------------- phases
+    def phase_bounds(self, step: int, total: int) -> tuple[int, int]:
+        """``[start, end)`` of the phase ``step`` is in: the learning-rate schedule restarts per phase."""
+        return (0, self.vae_steps) if step < self.vae_steps else (self.vae_steps, total)
 
     def start_em(self) -> None:
-        """The switch from the VAE phase to EM: fresh optimiser moments for the new losses, and the
-        EMA (if any) starts from the warm encoder."""
+        """From the VAE phase to EM: fresh optimiser moments for the new losses; the EMA starts here."""
         for opt in self.optimizers():
             opt.state.clear()
         if self.ema is not None:
@@ -229,57 +234,11 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         if self.ema is not None:
             self.ema.load_state_dict(self.encoder.state_dict())
 
-    def encoder_loss(self, x: Tensor, z_star: Tensor) -> Tensor:
-        """Denoising on ``(x, z*)``; the head by the NLL of ``z*`` or by the reparameterised ELBO."""
-        head = self.encoder.head
-        if self.em.head_loss == "nll" or head is None:
-            return self.encoder.loss(x, z_star)
-        with frozen(self.decoder):  # the decoder learns only in the M-step
-            elbo_loss, _, _ = reparameterised_elbo(head, self.decoder, x, self.beta)
-        return self.encoder.loss(x, z_star, fit_head=False) + elbo_loss
-
-    def m_step_latents(self, x: Tensor, z_star: Tensor) -> Tensor:
-        """The latents the decoder is fitted to (``em.m_step``), all without gradient."""
-        if self.em.m_step == "zstar":
-            return z_star
-        if self.em.m_step == "encoder":
-            return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="dpmpp2m")
-        with torch.no_grad():  # "head"
-            mu, log_std = self.encoder._head(x)
-            return mu + log_std.exp() * torch.randn_like(mu)
-
-    def em_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
-        """One E / encoder / M round on a mini-batch."""
-        z_star, stats = self.e_step(step, idx, x)
-        for i in range(self.em.encoder_updates):
-            pairs = self.replay_batch(x.shape[0]) if i > 0 else None
-            loss_enc = self.losses["encoder"](*(pairs if pairs is not None else (x, z_star)))
-            self._update(self.opt_encoder, self.encoder.parameters(), loss_enc)
-        updates = self.em.decoder_updates if self.updates_decoder else 0
-        if updates == 0:
-            with torch.no_grad():
-                loss_dec = -self.decoder.log_prob(x, z_star).mean()
-        for _ in range(updates):
-            loss_dec = self.losses["decoder"](x, self.m_step_latents(x, z_star))
-            self._update(self.opt_decoder, self.decoder.parameters(), loss_dec)
-        if self.ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.encoder.parameters(), strict=True):
-                    pe.lerp_(p, 1.0 - self.cfg.train.ema)
-        stats.update(
-            loss_encoder=loss_enc.item(),
-            recon_nll=loss_dec.item(),
-            sigma_x=self.decoder.sigma().item(),
-        )
-        return stats
-
-    @property
-    def updates_decoder(self) -> bool:
-        """Whether the EM phase has an M-step: not for a frozen or known (parameter-free) decoder."""
-        return self.opt_decoder is not None and self.em.m_step != "frozen"
-
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_encoder, self.opt_decoder) if o is not None]
+
+    def decoder_stats(self) -> dict[str, Tensor]:
+        return {"sigma_x": self.decoder.sigma().detach()} if hasattr(self.decoder, "sigma") else {}
 
     # -------------------------------------------------------------------------- checkpoint
     def state(self) -> dict[str, Any]:

@@ -1,18 +1,14 @@
-"""Stopping a training cleanly on SIGTERM or SIGINT: finish the step, checkpoint, say so, exit.
+"""How a training that stopped on a signal ends: :class:`Interrupted`, after ``checkpoints/last.pt``.
 
-:class:`StopRequest` installs handlers (in the main thread only; elsewhere it never fires) that
-only record the signal, so the training loop stops between two steps; a second signal raises
-KeyboardInterrupt at once, for a user who will not wait. :class:`Interrupted` is what the loop
-raises afterwards; its exit status is the shell's 128 + N (130 for SIGINT, 143 for SIGTERM).
+The fronts (``flows/stopping.py``) catch SIGTERM/SIGINT and ask the loop to stop after its current
+step; the loop checkpoints and raises this. Its exit status is the shell's 128 + N (130 for SIGINT,
+143 for SIGTERM). A KeyboardInterrupt subclass, so handlers of ordinary errors let it through.
 """
 
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N, by shell convention
@@ -34,27 +30,3 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return SIGNAL_EXIT_BASE + self.signum
-
-
-class StopRequest:
-    """Records SIGTERM/SIGINT while installed; ``signum`` is the first one received (or None)."""
-
-    def __init__(self, enabled: bool = True):
-        self.signum: int | None = None
-        self._before: dict[int, Any] = {}
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._before = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt  # a second signal: stop now, without the checkpoint
-        self.signum = signum
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-    def uninstall(self) -> None:
-        """Put the previous handlers back."""
-        for sig, handler in self._before.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._before = {}

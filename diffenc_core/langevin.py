@@ -3,7 +3,7 @@
 Knows nothing about networks: it takes ``log_lik(x, z) -> (N,)`` (nats per example) and
 differentiates it with respect to ``z`` only, so a frozen decoder's ``.grad`` is never touched.
 MALA (the default) adapts a per-example step size toward a target acceptance rate; ULA is kept
-for comparison and can diverge, which ``e_step`` catches by retrying with halved steps.
+for comparison and can diverge, which ``refine`` catches by retrying with halved steps.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class EStepResult:
     """What one E-step returns, per example; everything detached."""
 
     z: Tensor  # (N, d) z*
+    log_lik: Tensor  # (N,) log p(x|z*)
     log_step: Tensor  # (N,) adapted log step size, to persist per example across epochs
     accept: Tensor  # (N,) mean MH acceptance probability over the steps (1.0 for ULA)
     gap: Tensor  # (N,) U(z0) - U(z*): the synchronisation gap
@@ -153,7 +154,7 @@ def langevin(
     """``steps`` of MALA (or ULA) from ``z0`` with per-example step ``exp(log_step)``.
 
     The step is capped at ``step_max``. MALA adapts it after every step; ULA neither corrects
-    nor adapts, and may return non-finite values (``e_step`` is the guarded version).
+    nor adapts, and may return non-finite values (``refine`` is the guarded version).
     ``z_anchor`` defaults to ``z0``: the alignment term keeps ``z*`` near the encoder's sample.
     """
     z0 = z0.detach()
@@ -179,7 +180,7 @@ def langevin(
     u, _ = _potential(ll, grad_ll, z, z_anchor, beta, alignment)
     accept = acc_sum / steps if steps > 0 else torch.ones_like(log_step)
     return EStepResult(
-        z=z, log_step=log_step, accept=accept, gap=u0 - u, move=(z - z0).norm(dim=-1), retries=0
+        z=z, log_lik=ll, log_step=log_step, accept=accept, gap=u0 - u, move=(z - z0).norm(dim=-1), retries=0
     )
 
 
@@ -187,7 +188,7 @@ def _take(t: Tensor | None, idx: Tensor) -> Tensor | None:
     return None if t is None else t[idx]
 
 
-def e_step(
+def refine(
     log_lik: LogLik,
     x: Tensor,
     z0: Tensor,
@@ -220,13 +221,16 @@ def e_step(
             raise DivergenceError(
                 f"E-step diverged: {idx.numel()} of {n} examples still non-finite after "
                 f"{max_retries} retries with halved steps (last step size {h:.3g}); lower "
-                "em.step_size / em.step_size_max, or use the Metropolis-adjusted e_step 'mala'"
+                "em.step_size / em.step_size_max, or set em.e_step 'mala' (Metropolis-adjusted)"
             )
         retries += 1
         start = start.clone()
         start[idx] = start[idx] - math.log(2.0)
         sub = langevin(log_lik, x[idx], z0[idx], start[idx], z_anchor=_take(z_anchor, idx), **kw)
-        for name in ("z", "log_step", "accept", "gap", "move"):
+        for name in ("z", "log_lik", "log_step", "accept", "gap", "move"):
             merged = getattr(res, name).clone()
             merged[idx] = getattr(sub, name)
             setattr(res, name, merged)
+
+
+e_step = refine  # the name evaluate.py still imports; removed once it calls ``refine``

@@ -1,21 +1,27 @@
-"""Networks: the Gaussian decoder, the Gaussian encoder head, and the conditional score network.
+"""Networks: the decoders (Gaussian, Bernoulli), the Gaussian encoder head, the conditional score network.
 
 Vectors are ``(N, D)``; images travel flattened (``C*H*W``, values in [0, 1]) and are reshaped
-here when a module was built with an ``image_shape``. Every module is batch-independent (no
-batch norm), which the exact log-density via the sampler's Jacobian relies on (docs/method.md §7).
+here when a module is convolutional. Every module is batch-independent (no batch norm), which the
+exact log-density via the sampler's Jacobian relies on (docs/method.md §7). Each network is an
+MLP or convolutional (``mlp | conv | auto``): ``auto`` is conv for images of ``CONV_MIN_SIDE`` px and
+more, an MLP otherwise (the literature's 784-200-200-d MLP for MNIST; fast on a CPU).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from diffenc_core.config import EncoderConfig, ModelConfig, VAEConfig
+from diffenc_core.errors import ConfigError
 
 LOG_2PI = math.log(2.0 * math.pi)
 ImageShape = tuple[int, int, int]
+CONV_MIN_SIDE = 32  # auto: convolutions for images at least this tall and wide, MLPs below
 
 
 def sinusoidal_embedding(logsnr: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
@@ -118,9 +124,33 @@ class ConvUpNet(nn.Module):
         return self.convs(h).flatten(1)
 
 
+# ------------------------------------------------------------------------------- architecture
+def network_kind(kind: str, image_shape: ImageShape | None, key: str) -> Literal["mlp", "conv"]:
+    """``mlp`` or ``conv`` for the setting ``key`` (``auto``: conv for images of ``CONV_MIN_SIDE`` px and more)."""
+    if kind == "auto":
+        big = image_shape is not None and min(image_shape[1:]) >= CONV_MIN_SIDE
+        return "conv" if big else "mlp"
+    if kind == "conv" and image_shape is None:
+        raise ConfigError(f"{key}: 'conv' needs image data (this dataset has no image shape); use 'mlp'")
+    return "conv" if kind == "conv" else "mlp"
+
+
+def conv_shape(image_shape: ImageShape | None) -> ImageShape | None:
+    """The image shape, for the networks to choose their kind from (kept for callers that pass it on)."""
+    return image_shape
+
+
 # ------------------------------------------------------------------------------------ decoder
+def _lead_apply(net: nn.Module, z: Tensor, x_dim: int) -> Tensor:
+    """``net`` on ``(..., d)``: leading dims (e.g. particles) are flattened into the batch and kept."""
+    lead = z.shape[:-1]
+    return net(z.reshape(-1, z.shape[-1])).reshape(*lead, x_dim)
+
+
 class GaussianDecoder(nn.Module):
     """``p(x|z) = N(f(z), sigma_x^2 I)``; ``sigma_x`` learned (log-scale, clamped) or fixed."""
+
+    likelihood = "gaussian"
 
     def __init__(
         self,
@@ -142,8 +172,7 @@ class GaussianDecoder(nn.Module):
 
     def mean(self, z: Tensor) -> Tensor:
         """``f(z)``: ``(..., d) -> (..., D)`` (leading dims, e.g. particles, are kept)."""
-        lead = z.shape[:-1]
-        return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, self.x_dim)
+        return _lead_apply(self.net, z, self.x_dim)
 
     def sigma(self) -> Tensor:
         """The observation std, a scalar tensor, never below ``sigma_min``."""
@@ -157,39 +186,56 @@ class GaussianDecoder(nn.Module):
         return -0.5 * sq - self.x_dim * (torch.log(sigma) + 0.5 * LOG_2PI)
 
 
-def conv_shape(image_shape: ImageShape | None, min_side: int = 16) -> ImageShape | None:
-    """``image_shape`` when convolutions pay off (H, W >= ``min_side``), else None (use MLPs).
+class BernoulliDecoder(nn.Module):
+    """``p(x|z) = prod_i Bernoulli(x_i; sigmoid(f_i(z)))`` for binary pixels (docs/method.md §1).
 
-    Small images such as the 8x8 digits are cheaper and no worse with MLPs on the flat vector.
+    ``log_prob`` sums over pixels, so numbers are nats per image as in the literature; ``mean`` is the
+    pixel probabilities (what a reconstruction shows).
     """
-    if image_shape is not None and min(image_shape[1:]) >= min_side:
-        return image_shape
-    return None
+
+    likelihood = "bernoulli"
+
+    def __init__(self, net: nn.Module, x_dim: int):
+        super().__init__()
+        self.net = net
+        self.x_dim = x_dim
+
+    def logits(self, z: Tensor) -> Tensor:
+        return _lead_apply(self.net, z, self.x_dim)
+
+    def mean(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(z))
+
+    def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
+        """``sum_i x_i l_i - softplus(l_i)``, logits ``l = f(z)``: ``x (N, D)``, ``z (..., N, d)`` -> ``(..., N)``."""
+        logits = self.logits(z)
+        return (x * logits - F.softplus(logits)).sum(-1)
+
+
+Decoder = GaussianDecoder | BernoulliDecoder
 
 
 def build_decoder(
     model_cfg: ModelConfig,
     x_dim: int,
     image_shape: ImageShape | None = None,
+    likelihood: Literal["gaussian", "bernoulli"] = "gaussian",
     conv_channels: int = 64,
-    auto_conv_min_side: int = 16,
-) -> GaussianDecoder:
-    """The decoder of ``model_cfg.decoder``; ``auto`` is conv for images with H, W >= 16, else MLP.
+) -> Decoder:
+    """The decoder of ``model_cfg.decoder`` with the given likelihood (``Config.likelihood`` resolves ``auto``).
 
     ``image_shape`` is ``(C, H, W)`` of the flattened ``x``, or None for vector data.
     """
     cfg = model_cfg.decoder
-    kind = cfg.kind
-    if kind == "auto":
-        kind = "conv" if conv_shape(image_shape, auto_conv_min_side) else "mlp"
-    if kind == "conv":
-        if image_shape is None:
-            raise ValueError("decoder.kind 'conv' needs image data (an image_shape (C, H, W))")
+    if network_kind(cfg.kind, image_shape, "model.decoder.kind") == "conv":
+        assert image_shape is not None
         if math.prod(image_shape) != x_dim:
             raise ValueError(f"image_shape {tuple(image_shape)} does not match x_dim {x_dim}")
         net: nn.Module = ConvUpNet(model_cfg.latent_dim, image_shape, cfg.hidden, conv_channels)
     else:
         net = mlp(model_cfg.latent_dim, cfg.hidden, cfg.depth, x_dim)
+    if likelihood == "bernoulli":
+        return BernoulliDecoder(net, x_dim)
     return GaussianDecoder(net, x_dim, cfg.sigma_init, cfg.sigma_min, cfg.learn_sigma)
 
 
@@ -210,6 +256,7 @@ class GaussianEncoderNet(nn.Module):
         zero_init: bool = False,
         conv_channels: int = 64,
     ):
+        """A conv trunk when ``image_shape`` is given, else an MLP on the flat vector."""
         super().__init__()
         self.latent_dim = latent_dim
         if image_shape is not None:
@@ -233,7 +280,9 @@ class GaussianEncoderNet(nn.Module):
         image_shape: ImageShape | None = None,
         zero_init: bool = False,
     ) -> GaussianEncoderNet:
-        return cls(x_dim, latent_dim, vae_cfg.hidden, vae_cfg.depth, image_shape, zero_init)
+        """The trunk ``model.vae.kind`` chooses (the VAE's encoder and the diffusion encoder's head)."""
+        conv = network_kind(vae_cfg.kind, image_shape, "model.vae.kind") == "conv"
+        return cls(x_dim, latent_dim, vae_cfg.hidden, vae_cfg.depth, image_shape if conv else None, zero_init)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, log_std = self.net(x).chunk(2, dim=-1)
@@ -304,6 +353,8 @@ class ScoreNet(nn.Module):
         enc_cfg: EncoderConfig,
         image_shape: ImageShape | None = None,
     ) -> ScoreNet:
+        """The x-network ``model.encoder.x_net`` chooses."""
+        conv = network_kind(enc_cfg.x_net, image_shape, "model.encoder.x_net") == "conv"
         return cls(
             x_dim,
             latent_dim,
@@ -311,7 +362,7 @@ class ScoreNet(nn.Module):
             enc_cfg.blocks,
             enc_cfg.time_embed_dim,
             enc_cfg.x_embed_dim,
-            image_shape,
+            image_shape if conv else None,
         )
 
     def embed_x(self, x: Tensor) -> Tensor:

@@ -1,23 +1,26 @@
-"""The training loop shared by both methods: data, run directory, progress, checkpoints, resume.
+"""The training loop shared by both methods: batches, steps, validation, history, checkpoints, resume.
 
-``train(cfg)`` writes ``runs/<name>/`` (status, params, history, checkpoints); ``start`` says
-whether it is a new run, resumes one or replaces one (:mod:`diffenc_core.runstart`). A resumed run
-continues from ``checkpoints/last.pt`` bit-identically on CPU: batches are a function of (seed,
-step), and the RNG state is part of the checkpoint. With ``stop_signals`` a SIGTERM/SIGINT ends
-the run after its current step with a checkpoint and the status ``interrupted``.
+``train(cfg, start)`` trains ``cfg.train.method`` into ``runs/<name>/`` (status, params, history,
+checkpoints); ``start`` says whether it is a new run, resumes one or replaces one
+(:mod:`diffenc_core.runstart`). Batches are a function of (seed, step) and the random state is part
+of the checkpoint, so a resumed run continues bit-identically on CPU. The fronts (``flows/``) own the
+terminal, signals and stop requests: they pass ``on_log`` / ``on_validate`` and ``stop_requested``,
+which the loop asks once per step; progress is logged to this module's logger.
 
-In a job of several processes (:mod:`diffenc_core.distributed`) every rank runs ``train``: the same
-global batches, each rank training on its own examples' share of them; rank 0 alone writes the run.
-A checkpoint holds every rank's random stream and the per-example state of all examples, so it
-resumes bit-identically with the same number of processes, and with another number correctly (the
-model, optimisers, chains and step sizes carry over; the random streams restart from the seed).
+In a job of several processes (:mod:`diffenc_core.distributed`) every rank runs ``train`` on its
+share of the same global batches; rank 0 alone writes the run. A checkpoint holds every rank's random
+stream and every example's chain, so it resumes bit-identically with the same number of processes, and
+with another number correctly (the random streams then restart from the seed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,19 +31,25 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from diffenc_core import checkpoint, data, distributed, runs, runstart
+from diffenc_core import checkpoint, data, distributed, optim, runs, runstart
 from diffenc_core.config import Config, dump
 from diffenc_core.em import DiffusionEM
 from diffenc_core.errors import CheckpointError, ConfigError, DiffencError, DivergenceError, RunError
-from diffenc_core.interrupt import Interrupted, StopRequest
+from diffenc_core.interrupt import Interrupted
 from diffenc_core.toys import ToyDecoder, toy_from_manifest
 from diffenc_core.vae import GaussianVAE
 
+log = logging.getLogger(__name__)
+Method = DiffusionEM | GaussianVAE
 Callback = Callable[[int, dict[str, float]], None]
+StopHook = Callable[[], "int | str | None"]
+"""Asked after every step: a signal number (stop, status 'interrupted'), a reason (stop, status
+'stopped'), or None (go on)."""
+REQUEST = 1  # the stop code of a front's request; a signal's code is its number (>= 2)
 
 
-class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by a validation callback (e.g. a tuning pruner) to end a run early."""
+class StopTraining(Exception):  # noqa: N818 - a way of ending, like StopIteration
+    """The run ended early at its front's request (a pruner, a stop request); ``last.pt`` holds its step."""
 
 
 def device_for(cfg: Config, local_rank: int | None = None) -> torch.device:
@@ -69,42 +78,13 @@ def known_decoder(cfg: Config, manifest: dict[str, Any]) -> ToyDecoder | None:
     return ToyDecoder(truth)
 
 
-def build_method(cfg: Config, manifest: dict[str, Any], n_train: int | None = None) -> DiffusionEM | GaussianVAE:
-    """The model of ``cfg.train.method`` sized for the prepared dataset of ``manifest``, with E-step
-    state for ``n_train`` examples (default: the whole training split; a rank of a job: its own)."""
+def build_method(cfg: Config, manifest: dict[str, Any]) -> Method:
+    """The model of ``cfg.train.method`` sized for the prepared dataset of ``manifest``."""
     shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
     decoder = known_decoder(cfg, manifest)
     if cfg.train.method == "vae":
         return GaussianVAE(cfg, manifest["x_dim"], shape, decoder)
-    n = manifest["sizes"]["train"] if n_train is None else n_train
-    return DiffusionEM(cfg, manifest["x_dim"], n, shape, decoder)
-
-
-def lr_scale(cfg: Config, step: int, elapsed_s: float = 0.0, start: int = 0, end: int | None = None) -> float:
-    """Learning-rate multiplier: cosine from 1 to ``lr_final_ratio`` over ``[start, end)``, or constant.
-
-    ``[start, end)`` is the phase ``step`` is in (a diffusion run restarts the schedule when its
-    VAE phase ends); ``end`` defaults to the run's last step. The last phase also ends early when
-    the time budget does. Without a time budget it is a pure function of the step, so a resumed
-    run gets exactly the same rates.
-    """
-    if cfg.train.lr_schedule == "constant":
-        return 1.0
-    total = cfg.total_steps
-    end = total if end is None else end
-    progress = (step - start) / max(1, end - start)
-    if cfg.train.time_budget_s and end == total:
-        progress = max(progress, elapsed_s / cfg.train.time_budget_s)
-    progress = min(progress, 1.0)
-    floor = cfg.train.lr_final_ratio
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizers: list[torch.optim.Optimizer], scale: float) -> None:
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group.setdefault("base_lr", group["lr"])
-            group["lr"] = group["base_lr"] * scale
+    return DiffusionEM(cfg, manifest["x_dim"], manifest["sizes"]["train"], shape, decoder)
 
 
 def batch_indices(seed: int, step: int, n: int, batch_size: int) -> Tensor:
@@ -123,27 +103,300 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
 
 
 @dataclass
+class TrainingSet:
+    """The training examples on the training device; ``binary``: every draw is a fresh Bernoulli sample of
+    the pixel intensities (``data.binarize: dynamic``, Burda et al. 2015)."""
+
+    x: Tensor
+    binary: bool = False
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        x = self.x[idx]
+        return torch.bernoulli(x) if self.binary else x
+
+
+@dataclass
 class Validation:
     """Cheap held-out numbers tracked during training (and reported to pruners)."""
 
     x: Tensor
 
     @torch.no_grad()
-    def __call__(self, method: DiffusionEM | GaussianVAE) -> dict[str, float]:
+    def __call__(self, method: Method) -> dict[str, float]:
         # on a copy of the RNG state: validating never changes what training draws next
         with torch.random.fork_rng(devices=[self.x.device] if self.x.is_cuda else []):
-            return self._measure(method)
+            z, rate = method.encode_with_rate(self.x)
+            ll = method.decoder.log_prob(self.x, z)
+            mse = (method.decoder.mean(z) - self.x).pow(2).mean(-1)
+        return {"val_neg_elbo": (rate - ll).mean().item(), "val_rate": rate.mean().item(),
+                "val_distortion": (-ll).mean().item(), "val_mse": mse.mean().item()}
 
-    def _measure(self, method: DiffusionEM | GaussianVAE) -> dict[str, float]:
-        z, rate = method.encode_with_rate(self.x)
-        ll = method.decoder.log_prob(self.x, z)
-        mse = (method.decoder.mean(z) - self.x).pow(2).mean(-1)
-        return {
-            "val_neg_elbo": (rate - ll).mean().item(),
-            "val_rate": rate.mean().item(),
-            "val_distortion": (-ll).mean().item(),
-            "val_mse": mse.mean().item(),
-        }
+
+# ----------------------------------------------------------------------------------- the loop
+def train(
+    cfg: Config,
+    start: runstart.Start | runstart.Plan = "new",
+    progress: bool = False,
+    on_log: Callback | None = None,
+    on_validate: Callback | None = None,
+    stop_requested: StopHook | None = None,
+    val_size: int = 256,
+) -> runs.Run:
+    """Train ``cfg.train.method`` and return its run; marks the run failed (and re-raises) on error.
+
+    ``start``: ``new`` (refuses a folder that holds a run), ``resume``, ``overwrite``, or a
+    :class:`runstart.Plan` made earlier. Nothing of an old run is touched before the data, the device,
+    the plan and the model are known to be good. ``progress`` logs a line per log step. In a job every
+    rank calls it with the same ``cfg``; rank 0 alone calls ``on_log`` / ``on_validate`` and writes the run.
+    """
+    world = distributed.current()
+    try:
+        s = _setup(cfg, start, world, val_size)
+        return _loop(cfg, s, world, progress, on_log, on_validate, stop_requested or (lambda: None))
+    except (StopTraining, KeyboardInterrupt):
+        raise
+    except BaseException as err:  # one rank's failure: the job's root cause reports it, the rest stop quietly
+        reported = world.failure(err)
+        if reported is err:
+            raise
+        raise reported from None
+
+
+def _loop(cfg: Config, s: _Start, world: distributed.World, progress: bool, on_log: Callback | None,
+          on_validate: Callback | None, stop_requested: StopHook) -> runs.Run:
+    """The steps of one run, from ``s.step`` to ``cfg.total_steps`` (or the time budget, or a stop)."""
+    method, run, total, tc = s.method, s.run, cfg.total_steps, cfg.train
+    ckpt = _Checkpoints(run, cfg, method, world, s.best, s.step)
+    step, elapsed, stop, reason = s.step, s.elapsed, 0, ""
+    try:
+        while step < total and not (tc.time_budget_s and elapsed >= tc.time_budget_s):
+            t0 = time.perf_counter()
+            idx = world.share(batch_indices(tc.seed, step, s.n_train, tc.batch_size).to(s.device))
+            optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, elapsed, *method.phase_bounds(step, total)))
+            stats = method.train_step(step, idx, s.examples(idx))
+            step += 1
+            stop, reason = _stop_code(stop_requested())
+            stop, elapsed = world.agree_step(stop, elapsed + time.perf_counter() - t0)
+            val_due = step % tc.val_every == 0 or step == total
+            val = s.validate(method) if val_due else None  # rank 0's validation (None elsewhere)
+            if val_due or step % tc.log_every == 0:
+                row = s.history.add(step, step * tc.batch_size / s.n_train, elapsed, world.mean_stats(stats), val)
+                if progress and world.is_main:
+                    log.info("%s %d/%d  %s", run.name, step, total, _fields(row))
+                if on_log is not None and world.is_main:
+                    on_log(step, row)
+            if val_due:
+                _validated(world, on_validate, step, val)  # a pruner's StopTraining, agreed by every rank
+            if val_due or step % tc.checkpoint_every == 0:
+                ckpt.save(step, elapsed, val)
+            if stop:
+                break
+        if ckpt.saved_step != step:
+            ckpt.save(step, elapsed, None if stop else s.validate(method))
+        if stop:
+            raise _stopped(world, run, step, elapsed, stop, reason)
+        _mark(world, run, "done", steps=step, elapsed_s=round(elapsed, 3))
+        return run
+    except StopTraining as stopped:
+        _mark(world, run, "stopped", steps=step, reason=str(stopped))
+        raise
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # a second signal: stopped at once, the last periodic checkpoint kept
+        _mark(world, run, "interrupted", steps=step, signal="SIGINT")
+        raise
+    except BaseException as err:
+        reported = world.failure(err)
+        _mark(world, run, "failed", steps=step, error=_describe(reported))
+        raise
+
+
+def _stop_code(request: int | str | None) -> tuple[int, str]:
+    """A stop request as the number every rank agrees on (its maximum): 0 none, a signal, or REQUEST."""
+    if request is None:
+        return 0, ""
+    return (request, "") if isinstance(request, int) else (REQUEST, request)
+
+
+def _stopped(world: distributed.World, run: runs.Run, step: int, elapsed: float, code: int,
+             reason: str) -> BaseException:
+    """What ends a run that stopped on request, after its checkpoint: Interrupted for a signal, else StopTraining."""
+    if code == REQUEST:
+        reason = reason or "stopped on request"
+        _mark(world, run, "stopped", steps=step, reason=reason)
+        return StopTraining(reason)
+    interrupted = Interrupted(code, step, run.path, saved=True)
+    _mark(world, run, "interrupted", steps=step, elapsed_s=round(elapsed, 3), signal=interrupted.signal_name)
+    return interrupted
+
+
+def _validated(world: distributed.World, on_validate: Callback | None, step: int,
+               val: dict[str, float] | None) -> None:
+    """``on_validate`` on rank 0; a StopTraining it raises (a pruner) ends every rank after this step."""
+    pruned: str | None = None
+    if on_validate is not None and val is not None:
+        try:
+            on_validate(step, val)
+        except StopTraining as stopped:
+            if not world.parallel:
+                raise
+            pruned = str(stopped)
+    if world.parallel:
+        pruned = world.from_main(lambda: pruned)
+        if pruned is not None:
+            raise StopTraining(pruned)
+
+
+def _fields(row: dict[str, Any]) -> str:
+    keys = ("epoch", "loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
+    return "  ".join(f"{k}={row[k]:.4g}" for k in keys if k in row)
+
+
+# ------------------------------------------------------------------------------- the pieces
+@dataclass
+class _History:
+    """The run's ``history.parquet`` (one row per log step), written by rank 0; non-finite values stop the run."""
+
+    run: runs.Run
+    rows: list[dict[str, Any]]
+    writes: bool
+
+    def add(self, step: int, epoch: float, elapsed: float, stats: dict[str, float],
+            val: dict[str, float] | None) -> dict[str, Any]:
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise DivergenceError(f"step {step}: non-finite training loss {stats}")
+        row = {"step": step, "epoch": epoch, "time_s": elapsed, **stats, **(val or {})}
+        self.rows.append(row)
+        if self.writes:
+            self.run.write_table(runs.HISTORY, pd.DataFrame(self.rows))
+        return row
+
+
+@dataclass
+class _Checkpoints:
+    """``checkpoints/last.pt`` (every rank's random stream, the models, optimisers and chains) and ``best.pt``
+    (the best validation -ELBO in the run's final phase), written atomically by rank 0."""
+
+    run: runs.Run
+    cfg: Config
+    method: Method
+    world: distributed.World
+    best: float
+    saved_step: int
+
+    def save(self, step: int, elapsed: float, val: dict[str, float] | None) -> None:
+        rngs = self.world.objects(checkpoint.rng_state())  # a collective: every rank takes part
+        self.saved_step = step
+        if not self.world.is_main:
+            return
+        # best.pt is a model of the run's own method: a diffusion run's VAE phase never is
+        final_phase = self.method.phase_bounds(step - 1, self.cfg.total_steps)[1] == self.cfg.total_steps
+        improved = val is not None and final_phase and val["val_neg_elbo"] < self.best
+        if improved:
+            self.best = val["val_neg_elbo"]
+        payload = {"method": self.method.name, "step": step, "elapsed_s": elapsed, "best": self.best,
+                   "rng": rngs[0], "processes": self.world.size, "config": self.cfg.to_dict(), **self.method.state()}
+        if self.world.parallel:
+            payload["rng_ranks"] = rngs
+        checkpoint.save(self.run.checkpoint_dir / "last.pt", payload)
+        self.run.set_status("running", checkpoint_step=step)  # how a start learns the step without unpickling
+        if improved:
+            checkpoint.save(self.run.checkpoint_dir / "best.pt", payload)
+
+
+@dataclass
+class _Start:
+    """Everything a run's loop starts from: its folder, model, data and the resumed counters."""
+
+    run: runs.Run
+    method: Method
+    examples: TrainingSet
+    n_train: int
+    device: torch.device
+    validate: Callable[[Method], dict[str, float] | None]
+    history: _History
+    step: int = 0
+    elapsed: float = 0.0
+    best: float = math.inf
+
+
+def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distributed.World, val_size: int) -> _Start:
+    """Plan the start, load the data and the model (resumed or warm-started): user mistakes are agreed by every
+    rank before any file of an old run is touched; then open the run folder (rank 0)."""
+    world.agree_on("configuration", cfg.to_dict(), "start every process with the same params file and --set values")
+    plan = start if isinstance(start, runstart.Plan) else world.from_main(lambda: runstart.plan(cfg, start))
+    last = plan.run_dir / runs.CHECKPOINTS / "last.pt"
+    # rank 0 reads the files once for every rank: in a job across machines only it sees the run folder
+    blob = world.from_main(lambda: checkpoint.read(last)) if plan.resume else None
+    warm = None
+    if not plan.resume and cfg.train.warm_start is not None and cfg.train.method == "diffusion":
+        warm = world.from_main(lambda: _warm_start_source(cfg))
+    failure, manifest = None, {}
+    step, elapsed, best, rows = 0, 0.0, math.inf, []
+    try:
+        split = data.load_split(cfg.data.prepared_dir, "train")
+        manifest, n_train = split.manifest, len(split)
+        world.check_batch(cfg.train.batch_size, n_train)
+        val_x = data.load_split(cfg.data.prepared_dir, "val").x[:val_size].clone() if world.is_main else None
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        device = device_for(cfg, world.local_rank if world.parallel else None)
+        torch.manual_seed(cfg.train.seed)  # the same initial model on every rank
+        method = build_method(cfg, manifest).to(device)
+        if blob is not None:
+            step, elapsed, best = _resume(method, blob, last, cfg, world)
+            rows = _old_history(plan.run_dir, step) if world.is_main else []
+        else:
+            if warm is not None and isinstance(method, DiffusionEM):
+                _warm_start(method, warm, device)
+            if world.parallel:  # one random stream per rank (the model above is the same everywhere)
+                torch.manual_seed(distributed.rank_seed(cfg.train.seed, 0, world.rank))
+    except DiffencError as err:
+        failure = err
+    world.agree(failure)
+    world.agree_on(f"prepared data in {cfg.data.prepared_dir}", manifest.get("sha256") or {},
+                   "run `diffenc prepare` with the same params on every machine")
+    examples = TrainingSet(split.x.to(device), binary=manifest.get("binarize") == "dynamic")
+    if isinstance(method, DiffusionEM):
+        method.attach_data(examples)  # chain replay draws encoder pairs from every example
+    method.distribute(world)
+    run = runstart.begin(plan) if world.is_main else runs.Run(plan.run_dir)
+    if world.is_main:
+        dump(cfg, run.file(runs.PARAMS))
+        run.set_status("running", seed=cfg.train.seed, method=method.name, resumed_from=step or None,
+                       processes=world.size)
+    validate = Validation(val_x.to(device)) if val_x is not None else (lambda _method: None)
+    return _Start(run, method, examples, n_train, device, validate, _History(run, rows, world.is_main),
+                  step, elapsed, best)
+
+
+def _resume(method: Method, blob: bytes, last: Path, cfg: Config, world: distributed.World) -> tuple[int, float, float]:
+    """Load ``last.pt`` into ``method`` and the random streams; its step, training seconds and best -ELBO."""
+    state = checkpoint.loads(blob, last, map_location=next(method.parameters()).device)
+    if state.get("method") != method.name:
+        raise CheckpointError(f"{last}: holds a '{state.get('method')}' run, not '{method.name}'")
+    try:
+        method.load_state(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{last}: does not fit this configuration ({detail})") from None
+    step = int(state["step"])
+    if int(state.get("processes", 1)) == world.size:
+        checkpoint.set_rng_state(state["rng_ranks"][world.rank] if world.parallel else state["rng"])
+    else:  # another number of processes (a documented change): fresh streams from (train.seed, step, rank)
+        torch.manual_seed(distributed.rank_seed(cfg.train.seed, step, world.rank))
+    return step, float(state["elapsed_s"]), float(state["best"])
+
+
+def _old_history(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """The history rows of a resumed run up to its checkpoint; an unreadable file stops the resume (its rows
+    would be lost)."""
+    run = runs.Run(run_dir)
+    old = run.history()
+    if old is None and run.file(runs.HISTORY).exists():
+        raise RunError(f"{run.file(runs.HISTORY)}: unreadable ({'; '.join(run.problems)}): resuming would lose its "
+                       "rows; move it aside to resume without them, or replace the run with --overwrite")
+    return [] if old is None else old[old["step"] <= step].to_dict("records")
 
 
 def _warm_start_source(cfg: Config) -> tuple[Path, bytes]:
@@ -159,15 +412,13 @@ def _warm_start_source(cfg: Config) -> tuple[Path, bytes]:
     return path, checkpoint.read(path)
 
 
-def _warm_start(method: DiffusionEM, cfg: Config, source: tuple[Path, bytes], device: torch.device) -> None:
-    """Seed the diffusion run's decoder and Gaussian head from the VAE run ``train.warm_start``
-    (:func:`_warm_start_source`); the VAE must have the same data, latent size, decoder and encoder shapes.
-    """
+def _warm_start(method: DiffusionEM, source: tuple[Path, bytes], device: torch.device) -> None:
+    """Seed the diffusion run's decoder and Gaussian head from the VAE run ``train.warm_start``; the VAE must
+    have the same data, latent size, decoder and encoder shapes."""
     path, blob = source
-    source_dir = path.parent.parent
     state = checkpoint.loads(blob, path, map_location=device)
     if state.get("method") != "vae":
-        raise ConfigError(f"train.warm_start: {source_dir} is a '{state.get('method')}' run, not a VAE run")
+        raise ConfigError(f"train.warm_start: {path.parent.parent} is a '{state.get('method')}' run, not a VAE run")
     models = state["models"]
     decoder = {k.removeprefix("decoder."): v for k, v in models.items() if k.startswith("decoder.")}
     head = {k.removeprefix("encoder."): v for k, v in models.items() if k.startswith("encoder.")}
@@ -179,323 +430,31 @@ def _warm_start(method: DiffusionEM, cfg: Config, source: tuple[Path, bytes], de
                           f"(latent size, data or network shapes differ: {detail})") from None
 
 
-def train(
-    cfg: Config,
-    start: runstart.Start | runstart.Plan = "new",
-    progress: bool = True,
-    on_log: Callback | None = None,
-    on_validate: Callback | None = None,
-    val_size: int = 256,
-    stop_signals: bool = False,
-) -> runs.Run:
-    """Train ``cfg.train.method`` and return its run; marks the run failed (and re-raises) on error.
-
-    ``start``: ``new`` (refuses a folder that holds a run), ``resume``, ``overwrite``, or a
-    :class:`runstart.Plan` made earlier. Nothing of an old run is touched before the data, the
-    device, the plan and the model are known to be good. In a job every rank calls it (the same
-    ``cfg``); rank 0 alone plans, validates, logs, calls ``on_log``/``on_validate`` and writes the run.
-    """
-    world = distributed.current()
-    try:
-        return _train(cfg, start, progress, on_log, on_validate, val_size, stop_signals, world)
-    except (StopTraining, KeyboardInterrupt):
-        raise
-    except BaseException as err:  # one rank's failure: the job's root cause reports it, the rest stop quietly
-        reported = world.failure(err)
-        if reported is err:
-            raise
-        raise reported from None
-
-
-def _train(
-    cfg: Config,
-    start: runstart.Start | runstart.Plan,
-    progress: bool,
-    on_log: Callback | None,
-    on_validate: Callback | None,
-    val_size: int,
-    stop_signals: bool,
-    world: distributed.World,
-) -> runs.Run:
-    world.agree_on("configuration", cfg.to_dict(), "start every process with the same params file and --set values")
-    plan = start if isinstance(start, runstart.Plan) else world.from_main(lambda: runstart.plan(cfg, start))
-    last = plan.run_dir / runs.CHECKPOINTS / "last.pt"
-    # rank 0 reads the files once for every rank: in a job across machines only it sees the run folder
-    blob = world.from_main(lambda: checkpoint.read(last)) if plan.resume else None
-    warm = None
-    if not plan.resume and cfg.train.warm_start is not None and cfg.train.method == "diffusion":
-        warm = world.from_main(lambda: _warm_start_source(cfg))
-    history: list[dict[str, Any]] = []
-    start, elapsed, best = 0, 0.0, math.inf
-    saved_step = -1
-    failure: DiffencError | None = None
-    try:
-        # this rank's examples alone: i, i + size, ... (all of them in one process)
-        train_split = data.load_split(cfg.data.prepared_dir, "train", (world.rank, world.size))
-        val_x = data.load_split(cfg.data.prepared_dir, "val").x[:val_size].clone() if world.is_main else None
-        x_train, manifest = train_split.x, train_split.manifest
-        n_train = int(manifest["sizes"]["train"])
-        del train_split
-        if n_train < world.size:
-            raise ConfigError(f"train.nproc: {world.size} processes need at least as many training examples; "
-                              f"{cfg.data.prepared_dir} has {n_train}")
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
-        device = device_for(cfg, world.local_rank if world.parallel else None)
-        torch.manual_seed(cfg.train.seed)  # the same initial model on every rank
-        method = build_method(cfg, manifest, world.owned(n_train)).to(device)
-        if plan.resume:
-            assert blob is not None
-            state = checkpoint.loads(blob, last, map_location=device)
-            if state.get("method") != method.name:
-                raise CheckpointError(f"{last}: holds a '{state.get('method')}' run, not '{method.name}'")
-            try:
-                method.load_state(_per_example(state, method, world, world.rows))
-            except (RuntimeError, KeyError, ValueError) as err:
-                detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
-                raise CheckpointError(f"{last}: does not fit this configuration ({detail})") from None
-            start, elapsed, best = int(state["step"]), float(state["elapsed_s"]), float(state["best"])
-            _restore_rng(state, cfg, world, start)
-            saved_step = start
-            old = runs.Run(plan.run_dir).history() if world.is_main else None
-            if old is not None:
-                history = old[old["step"] <= start].to_dict("records")
-        else:
-            if warm is not None and isinstance(method, DiffusionEM):
-                _warm_start(method, cfg, warm, device)
-            if world.parallel:  # one random stream per rank (the model above is the same everywhere)
-                torch.manual_seed(distributed.rank_seed(cfg.train.seed, 0, world.rank))
-    except DiffencError as err:
-        failure = err
-    world.agree(failure)
-    world.agree_on(f"prepared data in {cfg.data.prepared_dir}", manifest.get("sha256") or {},
-                   "run `diffenc prepare` with the same params on every machine")
-    x_train = x_train.to(device)
-    if isinstance(method, DiffusionEM):
-        method.attach_data(x_train)  # chain replay draws encoder pairs from every example (of this rank)
-    method.distribute(world.wrap)
-    run = runstart.begin(plan) if world.is_main else runs.Run(plan.run_dir)
-    if world.is_main:
-        dump(cfg, run.file(runs.PARAMS))
-        run.set_status("running", seed=cfg.train.seed, method=method.name, resumed_from=start or None,
-                       processes=world.size)
-    validate = Validation(val_x.to(device)) if val_x is not None else None
-
-    def mark(state: str, **extra: Any) -> None:
-        if world.is_main:
-            _mark(run, state, **extra)
-
-    def save(step: int, val: dict[str, float] | None) -> None:
-        nonlocal best, saved_step
-        saved_step = step
-        state = _per_example(method.state(), method, world, functools.partial(world.gather_rows, n=n_train))
-        rngs = world.objects(checkpoint.rng_state())
-        if not world.is_main:
-            return
-        payload = {
-            "method": method.name,
-            "step": step,
-            "elapsed_s": elapsed,
-            "best": best,
-            "rng": rngs[0],
-            "processes": world.size,
-            "config": cfg.to_dict(),
-            **state,
-        }
-        if world.parallel:
-            payload["rng_ranks"] = rngs
-        checkpoint.save(last, payload)
-        # best.pt is a model of the run's own method: a diffusion run's VAE phase never is
-        final_phase = method.phase_bounds(step - 1, total)[1] == total
-        if val is not None and final_phase and val["val_neg_elbo"] < best:
-            best = val["val_neg_elbo"]
-            payload["best"] = best
-            checkpoint.save(run.checkpoint_dir / "best.pt", payload)
-
-    total = cfg.total_steps
-    bar = _Progress(progress and world.is_main, total, start, run.name)
-    step = start
-    stop = StopRequest(stop_signals)
-    signum, requested = 0, False  # in a job: a signal any rank got, a stop file rank 0 found (agreed per step)
-    stop_file = run.file(runs.STOP_REQUEST)
-    if world.parallel and world.is_main:
-        stop_file.unlink(missing_ok=True)  # a request its launcher left behind belongs to no run of today
-    pruned: str | None = None
-    try:
-        while step < total:
-            halted = bool(signum or requested) if world.parallel else bool(stop)
-            if halted or (cfg.train.time_budget_s and elapsed >= cfg.train.time_budget_s):
-                break
-            t0 = time.perf_counter()
-            idx = batch_indices(cfg.train.seed, step, n_train, cfg.train.batch_size).to(device)
-            set_lr(method.optimizers(), lr_scale(cfg, step, elapsed, *method.phase_bounds(step, total)))
-            stats, n_local = _step(method, world, step, idx, x_train)
-            seconds = time.perf_counter() - t0
-            request = world.parallel and world.is_main and stop_file.is_file()
-            stats, seconds, signum, requested = world.sync_step(stats, n_local, idx.numel(), seconds,
-                                                                stop.signum or 0, request)
-            elapsed += seconds
-            step += 1
-            if not all(math.isfinite(v) for v in stats.values()):
-                raise world.together(DivergenceError(f"step {step}: non-finite training loss {stats}"))
-            val_due = step % cfg.train.val_every == 0 or step == total
-            val = validate(method) if val_due and validate is not None else None
-            if val_due or step % cfg.train.log_every == 0:
-                if world.is_main:
-                    row = {"step": step, "epoch": step * cfg.train.batch_size / n_train,
-                           "time_s": elapsed, **stats, **(val or {})}
-                    history.append(row)
-                    run.write_table(runs.HISTORY, pd.DataFrame(history))
-                    if on_log:
-                        on_log(step, row)
-                    bar.update(step, row)
-            if val is not None and on_validate:
-                try:
-                    on_validate(step, val)
-                except StopTraining as stopped:
-                    if not world.parallel:
-                        raise
-                    pruned = str(stopped)
-            if val_due and world.parallel:  # a pruner's stop, agreed before anyone checkpoints this step
-                reason = world.from_main(lambda pruned=pruned: pruned)
-                if reason is not None:
-                    raise StopTraining(reason)
-            if step % cfg.train.checkpoint_every == 0 or val_due:
-                save(step, val)
-        sig = signum if world.parallel else (stop.signum or 0)
-        if sig:
-            saved = step > 0
-            if saved and saved_step != step:
-                save(step, None)
-            interrupted = Interrupted(sig, step, run.path, saved)
-            if world.is_main:
-                run.set_status("interrupted", steps=step, elapsed_s=round(elapsed, 3),
-                               signal=interrupted.signal_name)
-            raise interrupted
-        if requested:  # the launcher asked (a callback of its caller stopped the run)
-            if saved_step != step:
-                save(step, None)
-            raise StopTraining(_take_stop_request(stop_file) if world.is_main else "stopped on request")
-        if saved_step != step:
-            save(step, validate(method) if validate is not None else None)
-        if world.is_main:
-            run.set_status("done", steps=step, elapsed_s=round(elapsed, 3))
-    except StopTraining as stopped:
-        mark("stopped", steps=step, reason=str(stopped))
-        raise
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:  # a second signal, or Ctrl-C without stop_signals: no checkpoint of this step
-        mark("interrupted", steps=step, signal="SIGINT")
-        raise
-    except BaseException as err:
-        reported = world.failure(err)
-        mark("failed", steps=step, error=_describe(reported))
-        if reported is err:
-            raise
-        raise reported from None
-    finally:
-        stop.uninstall()
-        bar.close()
-    return run
-
-
-def _step(method: DiffusionEM | GaussianVAE, world: distributed.World, step: int, idx: Tensor,
-          x_own: Tensor) -> tuple[dict[str, float], int]:
-    """One training step on this rank's share of the global batch ``idx``: its statistics and examples."""
-    rows = world.shard(idx)
-    method.loss_scale = world.loss_scale(rows.numel(), idx.numel())
-    if rows.numel() > 0:
-        return method.train_step(step, rows, x_own[rows]), rows.numel()
-    # none of this batch is ours: a zero-weight step on one of our examples (its state kept as it was)
-    # keeps this rank's collectives in step with the others'
-    rows = idx.new_zeros(1)
-    buffers = {name: getattr(method, name) for name in getattr(method, "PER_EXAMPLE", ())}
-    with distributed.untouched(buffers, rows):
-        return method.train_step(step, rows, x_own[rows]), 0
-
-
-def _per_example(state: dict[str, Any], method: DiffusionEM | GaussianVAE, world: distributed.World,
-                 fn: Callable[[Tensor], Tensor | None]) -> dict[str, Any]:
-    """``state`` with ``fn`` applied to each per-example buffer (the E-step chains and step sizes):
-    cut to this rank's rows on load, gathered in example order for a checkpoint."""
-    names = getattr(method, "PER_EXAMPLE", ())
-    if not world.parallel or not names:
-        return state
-    models = dict(state["models"])
-    for name in names:
-        models[name] = fn(models[name])
-    return {**state, "models": models}
-
-
-def _restore_rng(state: dict[str, Any], cfg: Config, world: distributed.World, step: int) -> None:
-    """The random streams of the checkpoint's ranks; with another number of processes (a documented
-    change) fresh ones seeded from ``(train.seed, step, rank)``."""
-    if int(state.get("processes", 1)) == world.size:
-        checkpoint.set_rng_state(state["rng_ranks"][world.rank] if world.parallel else state["rng"])
-    else:
-        torch.manual_seed(distributed.rank_seed(cfg.train.seed, step, world.rank))
-
-
-def _take_stop_request(path: Path) -> str:
-    """The reason a stop request file gives (it is removed: the request is served)."""
-    with contextlib.suppress(OSError):
-        reason = path.read_text().strip()
-        path.unlink()
-        return reason or "stopped on request"
-    return "stopped on request"
-
-
 def _describe(err: BaseException) -> str:
     """What a failed run's status records: the root cause's message when another rank failed first."""
     if isinstance(err, distributed.PeerStopped):
         return err.reason
     return f"{err.__class__.__name__}: {err}"
 
-def _mark(run: runs.Run, state: str, **extra: Any) -> None:
-    """Record how a run ended, best effort: on a full or read-only disk the original error is the news."""
-    with contextlib.suppress(OSError, DiffencError):
+
+def _mark(world: distributed.World, run: runs.Run, state: str, **extra: Any) -> None:
+    """Record how a run ended (rank 0). On a full disk the atomic write has no room for its temporary file:
+    the status is then rewritten in place, so it never stays 'running'."""
+    if not world.is_main:
+        return
+    try:
         run.set_status(state, **extra)
+    except (OSError, DiffencError):
+        with contextlib.suppress(OSError, ValueError):
+            status = {**run.status(), **extra, "state": state, "finished": runs.now()}
+            _overwrite_in_place(run.file(runs.STATUS), json.dumps(status, default=str).encode())
 
 
-PIPE_COLUMNS = 400
-"""Progress line width when stdout is not a terminal (a log file, CI, DVC) and ``COLUMNS`` is unset:
-rich would assume 80 columns and cut the loss and acceptance fields off."""
-
-
-def _console() -> Any:
-    import os
-    import sys
-
-    from rich.console import Console
-
-    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
-    return Console(width=PIPE_COLUMNS if wide else None)
-
-
-class _Progress:
-    """A rich progress bar with the loss, sync gap and acceptance (silent when disabled)."""
-
-    FIELDS = ("epoch", "loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
-
-    def __init__(self, enabled: bool, total: int, start: int, name: str):
-        self.prog = None
-        if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.prog = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=_console(),
-            )
-            self.prog.start()
-            self.task = self.prog.add_task(name, total=total, completed=start, info="")
-
-    def update(self, step: int, row: dict[str, Any]) -> None:
-        if self.prog is None:
-            return
-        info = "  ".join(f"{k}={row[k]:.3g}" for k in self.FIELDS if k in row)
-        self.prog.update(self.task, completed=step, info=info)
-
-    def close(self) -> None:
-        if self.prog is not None:
-            self.prog.stop()
+def _overwrite_in_place(path: Path, body: bytes) -> None:
+    """Replace ``path``'s bytes without a temporary file (reuses its own blocks on a full disk)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, body)
+        os.ftruncate(fd, len(body))
+    finally:
+        os.close(fd)

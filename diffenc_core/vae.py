@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffenc_core import optim
 from diffenc_core.config import Config
-from diffenc_core.distributed import DataParallelMethod, LossModule, weighted
-from diffenc_core.networks import GaussianEncoderNet, build_decoder, conv_shape
+from diffenc_core.distributed import DataParallelMethod, LossModule
+from diffenc_core.networks import GaussianEncoderNet, build_decoder
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -53,35 +54,30 @@ class GaussianVAE(DataParallelMethod, nn.Module):
     ):
         super().__init__()
         self.beta = cfg.train.beta
-        self.grad_clip = cfg.train.grad_clip
-        self.encoder = GaussianEncoderNet.from_config(
-            x_dim, cfg.model.latent_dim, cfg.model.vae, conv_shape(image_shape)
-        )
-        self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape)
-        self.optimizer = torch.optim.Adam(
+        self.clip = cfg.train.grad_clip
+        self.encoder = GaussianEncoderNet.from_config(x_dim, cfg.model.latent_dim, cfg.model.vae, image_shape)
+        self.decoder = decoder if decoder is not None else build_decoder(cfg.model, x_dim, image_shape,
+                                                                         cfg.likelihood)
+        self.optimizer = optim.adam(
             [
                 {"params": self.encoder.parameters(), "lr": cfg.train.lr_encoder},
                 {"params": self.decoder.parameters(), "lr": cfg.train.lr_decoder},
-            ]
+            ],
+            cfg.train.lr_encoder,
         )
-        self.losses = {"vae": LossModule(self._elbo, encoder=self.encoder, decoder=self.decoder)}
+        self.losses = {"vae": LossModule(self.elbo_loss, encoder=self.encoder, decoder=self.decoder)}
 
     # -- training
-    def _elbo(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def elbo_loss(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return reparameterised_elbo(self.encoder, self.decoder, x, self.beta)
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """One reparameterised-ELBO step on the mini-batch ``x`` (§6); values stay tensors."""
         loss, rec, kl = self.losses["vae"](x)
-        return loss, {"loss_vae": loss.item(), "recon_nll": rec.mean().item(), "rate": kl.mean().item()}
-
-    def train_step(self, step: int, idx: Tensor, x: Tensor) -> dict[str, float]:
-        loss, stats = self.loss(x)
-        self.optimizer.zero_grad(set_to_none=True)
-        weighted(loss, self.loss_scale).backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-        self.optimizer.step()
-        stats["sigma_x"] = self.decoder.sigma().item()
+        optim.update(loss, self.optimizer, clip=self.clip)
+        stats = {"loss_vae": loss.detach(), "recon_nll": rec.mean(), "rate": kl.mean()}
+        if hasattr(self.decoder, "sigma"):
+            stats["sigma_x"] = self.decoder.sigma().detach()
         return stats
 
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -4,23 +4,23 @@ The agent (``torch.distributed.launcher``, what ``torchrun`` runs) starts N rank
 flows.cli train`` reading one resolved params file, watches them, and stops them all when one fails or
 when this process gets SIGTERM/SIGINT (each rank then finishes its step and rank 0 checkpoints). The
 ranks print no outcome of their own: this side turns the job's end into the entry point's result or one
-exception (the failed rank's message, from its torchrun error file), and feeds the caller's
-``on_log``/``on_validate`` from the run's history while it trains; an exception from them (a pruner's
-StopTraining) asks the ranks to stop through the run's stop-request file, and is raised once they have.
+exception (the failed rank's message, from its torchrun error file). Rank 0 appends every history row
+to an events file (one JSON line each) that a thread here follows to feed the caller's
+``on_log``/``on_validate``; an exception from them (a pruner's StopTraining) is written to a stop-request
+file the ranks' stop hook reads, and raised once they have stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
-import math
 import os
 import signal
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,13 +31,16 @@ from diffenc_core.config import Config, dump
 from diffenc_core.errors import DiffencError, JobError
 from diffenc_core.interrupt import SIGNAL_EXIT_BASE, STOP_SIGNALS, Interrupted
 
-FOLLOW_S = 1.0  # how often the run's history is read for the caller's on_log / on_validate
+FOLLOW_S = 0.5  # how often the events file is read for the caller's on_log / on_validate
+EVENTS_ENV = "DIFFENC_EVENTS"  # rank 0 appends each history row here (JSON lines)
+STOP_ENV = "DIFFENC_STOP_REQUEST"  # this file's presence asks the ranks to stop (its text is the reason)
 SHUTDOWN_TIMEOUT_S = 60
 """After SIGTERM, the ranks get this long to finish their step and checkpoint before the agent kills them."""
 AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 AGENT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the agent's own handlers, put back afterwards
 INTERRUPT_EXITS = frozenset(SIGNAL_EXIT_BASE + s for s in STOP_SIGNALS)
-VAL_PREFIX = "val_"  # the history columns a validation adds: what on_validate gets
+VAL_PREFIX = "val_"
+log = logging.getLogger(__name__)  # the history columns a validation adds: what on_validate gets
 
 
 def train(
@@ -47,15 +50,14 @@ def train(
     on_log: trainer.Callback | None = None,
     on_validate: trainer.Callback | None = None,
     live_dir: str | Path | None = None,
-    say: Any = None,
 ) -> Path:
     """Train ``cfg`` with ``train.nproc`` processes; returns the run directory and raises what
     ``trainer.train`` would (a DiffencError, Interrupted, StopTraining), or a JobError when a rank died."""
     plan = runstart.plan(cfg, start)  # refusals, missing data and devices: one line before any process starts
     data.read_manifest(cfg.data.prepared_dir)
     trainer.device_for(cfg)
-    if say is not None and plan.message:
-        say(plan.message)
+    if plan.message:
+        log.info(plan.message)  # the start line, as flows.entry logs it for one process
     with tempfile.TemporaryDirectory(prefix="diffenc-launch-") as tmp:
         params = Path(tmp) / "params.yaml"
         dump(cfg, params)
@@ -63,17 +65,32 @@ def train(
         args += {"resume": ["--resume"], "overwrite": ["--overwrite"]}.get(start, [])
         if live_dir is not None:
             args += ["--live", str(live_dir)]
-        follower = _Follower(plan.run_dir, plan.step if plan.resume else 0, on_log, on_validate)
+        events, request = Path(tmp) / "events.jsonl", Path(tmp) / "stop-request"
+        events.touch()
+        follower = _Follower(events, request, on_log, on_validate)
         try:
-            failures, signum = _run_agent(cfg, args, Path(tmp))
+            failures, signum = _run_agent(cfg, args, Path(tmp), events, request)
         finally:
             follower.stop()
-            with contextlib.suppress(OSError):
-                (plan.run_dir / runs.STOP_REQUEST).unlink(missing_ok=True)
     return _outcome(plan.run_dir, failures, signum, follower.error)
 
 
-def _run_agent(cfg: Config, args: list[str], tmp: Path) -> tuple[dict[int, Any], int | None]:
+def report_row(step: int, row: dict[str, Any]) -> None:
+    """Rank 0 of a ``diffenc train --nproc`` job: append a history row to the launcher's events file."""
+    path = os.environ.get(EVENTS_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **row}, default=float) + "\n")
+
+
+def stop_request_file() -> Path | None:
+    """The file whose presence asks this rank's job to stop (set by the launcher), if any."""
+    path = os.environ.get(STOP_ENV)
+    return Path(path) if path else None
+
+
+def _run_agent(cfg: Config, args: list[str], tmp: Path, events: Path,
+               request: Path) -> tuple[dict[int, Any], int | None]:
     """Run the job to its end: the failed ranks (rank → ProcessFailure), and the signal that stopped
     this process, if one did."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
@@ -87,7 +104,7 @@ def _run_agent(cfg: Config, args: list[str], tmp: Path) -> tuple[dict[int, Any],
     )
     if "shutdown_timeout" in {f.name for f in dataclasses.fields(LaunchConfig)}:
         options["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
-    with _rank_env(cfg), _quiet_agent(), _own_signal_handlers():
+    with _rank_env(cfg, events, request), _quiet_agent(), _own_signal_handlers():
         try:
             elastic_launch(LaunchConfig(**options), sys.executable)(*args)
         except ChildFailedError as err:
@@ -143,10 +160,10 @@ def _failure_message(failures: dict[int, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _rank_env(cfg: Config) -> Iterator[None]:
+def _rank_env(cfg: Config, events: Path, request: Path) -> Iterator[None]:
     """The environment the ranks inherit: launched by diffenc (they stay quiet), never a Prefect flow
-    run of their own, and the configured torch threads."""
-    values = {distributed.LAUNCHED_ENV: "1", "DIFFENC_PREFECT": "0"}
+    run of their own, the events and stop-request files, and the configured torch threads."""
+    values = {distributed.LAUNCHED_ENV: "1", "DIFFENC_PREFECT": "0", EVENTS_ENV: str(events), STOP_ENV: str(request)}
     if cfg.train.threads > 0:
         values["OMP_NUM_THREADS"] = str(cfg.train.threads)
     before = {k: os.environ.get(k) for k in values}
@@ -203,20 +220,18 @@ def _own_signal_handlers() -> Iterator[None]:
 
 
 class _Follower:
-    """Calls ``on_log``/``on_validate`` for each row rank 0 adds to the run's history, from a thread.
+    """Calls ``on_log``/``on_validate`` for each row rank 0 appends to the events file, from a thread.
 
-    Only rows written after this launch count (the status file is rewritten when the ranks start, after
-    an old run's files were removed). A callback's exception asks the ranks to stop (the run's
-    stop-request file) and is kept in ``error``.
+    A callback's exception asks the ranks to stop (the stop-request file, read by their stop hook) and is
+    kept in ``error``.
     """
 
-    def __init__(self, run_dir: Path, after_step: int, on_log: trainer.Callback | None,
+    def __init__(self, events: Path, request: Path, on_log: trainer.Callback | None,
                  on_validate: trainer.Callback | None):
-        self.run = runs.Run(run_dir)
-        self.seen = after_step
+        self.events, self.request = events, request
+        self.offset = 0
         self.on_log, self.on_validate = on_log, on_validate
         self.error: BaseException | None = None
-        self.launched = time.time()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
         if on_log is not None or on_validate is not None:
@@ -228,16 +243,17 @@ class _Follower:
             self.poll()
 
     def poll(self) -> None:
-        status = self.run.file(runs.STATUS)
-        if self.error is not None or not status.is_file() or status.stat().st_mtime < self.launched:
+        if self.error is not None:
             return
-        history = self.run.history()
-        if history is None:
-            return
+        with open(self.events, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
         try:
-            for row in history[history["step"] > self.seen].to_dict("records"):
-                step = self.seen = int(row["step"])
-                row = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            for line in complete.decode().splitlines():
+                row = json.loads(line)
+                step = int(row["step"])
                 if self.on_log is not None:
                     self.on_log(step, row)
                 val = {k: v for k, v in row.items() if k.startswith(VAL_PREFIX)}
@@ -245,8 +261,8 @@ class _Follower:
                     self.on_validate(step, val)
         except BaseException as err:  # handed to the caller once the ranks have stopped
             self.error = err
-            with contextlib.suppress(OSError, DiffencError):
-                runs.atomic_write_text(self.run.file(runs.STOP_REQUEST), str(err) or type(err).__name__)
+            with contextlib.suppress(OSError):
+                runs.atomic_write_text(self.request, str(err) or type(err).__name__)
 
     def stop(self) -> None:
         """Stop following, after delivering the rows written last."""

@@ -6,14 +6,13 @@ log-SNR), so one process and N must agree up to float summation order.
     python tests/dist_match.py DATA_ROOT OUT.pt                              # one process
     python -m torch.distributed.run --nproc-per-node 2 tests/dist_match.py DATA_ROOT OUT.pt
 
-Rank 0 saves, per method: the gradients after every step, the final parameters and (diffusion) the
-per-example E-step state gathered from every rank. Chain replay draws from each rank's own chains,
-so the diffusion runs here use one encoder update per step (no replay).
+Rank 0 saves, per method: the gradients after every step, the final parameters and (diffusion) every
+example's E-step state (replicated on every rank). Chain replay draws from each rank's own random
+stream, so the diffusion runs here use one encoder update per step (no replay).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -50,19 +49,17 @@ def main(root: str, out: str) -> None:
         split = data.load_split(cfg.data.prepared_dir, "train")
         n = len(split)
         torch.manual_seed(cfg.train.seed)
-        method = trainer.build_method(cfg, split.manifest, world.owned(n))
-        x_own = world.rows(split.x)
+        method = trainer.build_method(cfg, split.manifest)
         if hasattr(method, "attach_data"):
-            method.attach_data(x_own)
-        method.distribute(world.wrap)
+            method.attach_data(trainer.TrainingSet(split.x))
+        method.distribute(world)
         per_example_noise()
         grads = []
         for step in range(STEPS):
-            idx = trainer.batch_indices(cfg.train.seed, step, n, cfg.train.batch_size)
-            trainer._step(method, world, step, idx, x_own)
+            idx = world.share(trainer.batch_indices(cfg.train.seed, step, n, cfg.train.batch_size))
+            method.train_step(step, idx, split.x[idx])
             grads.append({k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None})
-        state = trainer._per_example(method.state(), method, world, functools.partial(world.gather_rows, n=n))
-        results[name] = {"grads": grads, "models": state["models"]}
+        results[name] = {"grads": grads, "models": method.state()["models"]}
     if world.is_main:
         torch.save(results, out)
     distributed.leave()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffenc_core.config import DecoderConfig, EncoderConfig, ModelConfig, VAEConfig
+from diffenc_core.errors import ConfigError
 from diffenc_core.networks import (
     GaussianEncoderNet,
     ScoreNet,
@@ -61,6 +62,9 @@ def test_decoder_sigma_learned_clamped_or_fixed():
     [
         ((1, 8, 8), "conv", True),
         ((1, 8, 8), "auto", False),
+        ((1, 16, 16), "auto", False),
+        ((1, 28, 28), "auto", False),
+        ((1, 28, 28), "mlp", False),
         ((3, 32, 32), "auto", True),
         ((1, 28, 28), "conv", True),
     ],
@@ -75,8 +79,33 @@ def test_image_decoders(shape, kind, conv):
 
 
 def test_conv_decoder_needs_an_image_shape():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="model.decoder.kind: 'conv' needs image data"):
         build_decoder(small_model_cfg(kind="conv"), x_dim=64)
+
+
+def test_bernoulli_decoder_log_prob_is_the_summed_pixel_likelihood():
+    dec = build_decoder(small_model_cfg(), x_dim=6, likelihood="bernoulli")
+    assert dec.likelihood == "bernoulli" and not hasattr(dec, "sigma")
+    z = torch.randn(4, 3)
+    x = torch.bernoulli(torch.full((4, 6), 0.3))
+    p = dec.mean(z)
+    by_hand = (x * p.log() + (1 - x) * (1 - p).log()).sum(-1)
+    torch.testing.assert_close(dec.log_prob(x, z), by_hand)
+    torch.testing.assert_close(dec.log_prob(x, z), torch.distributions.Bernoulli(logits=dec.logits(z)).log_prob(x).sum(-1))
+    zp = torch.randn(5, 4, 3)
+    assert dec.log_prob(x, zp).shape == (5, 4)
+    torch.testing.assert_close(dec.log_prob(x, zp)[1], dec.log_prob(x, zp[1]))
+
+
+@pytest.mark.parametrize(("vae_kind", "x_net", "conv_head", "conv_x"), [
+    ("auto", "auto", False, False), ("conv", "mlp", True, False), ("mlp", "conv", False, True)])
+def test_encoder_networks_follow_their_kind(vae_kind, x_net, conv_head, conv_x):
+    shape = (1, 28, 28)
+    head = GaussianEncoderNet.from_config(784, 3, VAEConfig(hidden=16, depth=2, kind=vae_kind), shape)
+    score = ScoreNet.from_config(784, 3, EncoderConfig(hidden=16, x_embed_dim=8, x_net=x_net), shape)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in head.modules()) == conv_head
+    assert any(isinstance(m, torch.nn.Conv2d) for m in score.modules()) == conv_x
+    assert head(torch.rand(2, 784))[0].shape == (2, 3)
 
 
 @pytest.mark.parametrize("image_shape", [None, (1, 8, 8)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import tiny
 
-from diffenc_core import checkpoint, config, data, runs, trainer
+from diffenc_core import checkpoint, config, data, optim, runs, trainer
 from diffenc_core.em import DiffusionEM
 from diffenc_core.errors import ConfigError, RunError
 
@@ -63,7 +63,7 @@ def test_best_checkpoint_and_learning_rate_follow_the_em_phase(prepared, tmp_pat
     assert checkpoint.load(run.checkpoint_dir / "best.pt")["step"] > 10, "best.pt is a diffusion encoder"
     method = trainer.build_method(cfg, data.read_manifest(cfg.data.prepared_dir))
     total = cfg.total_steps
-    scales = [trainer.lr_scale(cfg, s, 0.0, *method.phase_bounds(s, total)) for s in (0, 9, 10, 19)]
+    scales = [optim.lr_scale(cfg, s, 0.0, *method.phase_bounds(s, total)) for s in (0, 9, 10, 19)]
     assert scales[0] == scales[2] == 1.0, "the cosine restarts when EM starts"
     assert scales[1] < 0.1 and scales[3] < 0.1
 
@@ -74,7 +74,7 @@ def test_head_by_the_elbo_leaves_a_frozen_decoder_alone(prepared, tmp_path):
     x = data.load_split(cfg.data.prepared_dir, "train").x
     torch.manual_seed(0)
     method = trainer.build_method(cfg, manifest)
-    method.attach_data(x)
+    method.attach_data(trainer.TrainingSet(x))
     dec0 = {k: v.clone() for k, v in method.decoder.state_dict().items()}
     head0 = {k: v.clone() for k, v in method.encoder.head.state_dict().items()}
     idx = torch.arange(32)
@@ -114,17 +114,38 @@ def test_replay_draws_pairs_only_from_examples_with_a_chain():
     cfg = config.load(None, tiny("em.vae_steps=0"))
     method = DiffusionEM(cfg, x_dim=5, n_train=40)
     x = torch.arange(200, dtype=torch.float32).reshape(40, 5)
-    method.attach_data(x)
-    assert method.replay_batch(8) is None, "no chain yet"
+    method.attach_data(trainer.TrainingSet(x))
     owned = torch.tensor([3, 17, 29])
     method.has_chain[owned] = True
     method.chains[owned] = owned.float().unsqueeze(-1).expand(-1, cfg.model.latent_dim)
-    xs, zs = method.replay_batch(64)
+    xs, zs = method.replay_pairs(64)
     rows = (xs[:, 0] / 5).long()
     assert set(rows.tolist()) <= set(owned.tolist())
     assert torch.equal(zs[:, 0].long(), rows), "each z* is its own example's chain"
-    with pytest.raises(ValueError, match="40 chains"):
-        method.attach_data(x[:10])
+
+
+def test_encoder_pairs_are_the_batch_then_replayed_chains():
+    cfg = config.load(None, tiny("em.vae_steps=0", "em.encoder_updates=3"))
+    method = DiffusionEM(cfg, x_dim=5, n_train=40)
+    x = torch.arange(200, dtype=torch.float32).reshape(40, 5)
+    method.attach_data(trainer.TrainingSet(x))
+    method.has_chain[:] = True
+    batch, z = x[:4], torch.zeros(4, cfg.model.latent_dim)
+    pairs = list(method.encoder_pairs(batch, z))
+    assert len(pairs) == 3 and pairs[0][0] is batch and pairs[0][1] is z
+    assert all(p[0].shape == batch.shape for p in pairs[1:])
+    plain = DiffusionEM(config.load(None, tiny("em.vae_steps=0", "em.encoder_updates=2", "em.replay_chains=false")),
+                        x_dim=5, n_train=40)
+    assert all(p[0] is batch for p in plain.encoder_pairs(batch, z)), "without replay: the batch again"
+
+
+def test_dynamic_binarisation_draws_a_fresh_sample_every_time():
+    x = torch.full((50, 30), 0.5)
+    examples = trainer.TrainingSet(x, binary=True)
+    a, b = examples(torch.arange(50)), examples(torch.arange(50))
+    assert set(a.unique().tolist()) == {0.0, 1.0} and not torch.equal(a, b)
+    assert 0.4 < a.mean().item() < 0.6
+    assert torch.equal(trainer.TrainingSet(x)(torch.arange(3)), x[:3])
 
 
 def test_base_none_trains_em_from_scratch_and_rejects_what_needs_a_head():

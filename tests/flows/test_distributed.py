@@ -69,7 +69,7 @@ def _drawn(cfg: config.Config, n: int, steps: range) -> set[int]:
 
 def test_n_processes_match_one_process_on_identical_inputs_and_noise(prepared, tmp_path):
     """Both methods, both phases of a diffusion run: per-step gradients, final parameters and the
-    gathered E-step state of 2 processes equal one process's on the same global batches."""
+    replicated E-step state of 2 processes equal one process's on the same global batches."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     script = str(TESTS / "dist_match.py")
     subprocess.run([sys.executable, script, str(prepared), str(one)], check=True, env=ENV, timeout=LAUNCH_TIMEOUT_S)
@@ -222,7 +222,6 @@ def test_a_callback_stops_a_run_of_several_processes(prepared, tmp_path):
     assert status["state"] == "stopped" and status["reason"] == "pruned at step 10"
     assert 10 <= status["steps"] < 5000 and logged[:2] == [5, 10]
     assert validated[0][0] == 10 and set(validated[0][1]) == {"val_neg_elbo", "val_rate", "val_distortion", "val_mse"}
-    assert not (tmp_path / "runs" / "diffusion" / runs.STOP_REQUEST).exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from mnist_files import write_raw
 from tiny import TINY_SETS
 
 from diffenc_core import config
@@ -86,6 +87,21 @@ def test_every_config_section_a_stage_uses_is_declared() -> None:
     sections = set(config.Config().to_dict()) - {"tune"}
     assert set().union(*declared.values()) == sections
     assert stages["train"]["foreach"] == stages["evaluate"]["foreach"] == METHODS
+
+
+def test_prepare_depends_on_the_raw_files_and_the_folder_is_in_git() -> None:
+    """The raw files (MNIST's) are the prepare stage's dependency; a committed README keeps the folder in
+    every clone, so `dvc repro` finds the dependency for datasets that need no raw files."""
+    assert "${data.raw_dir}" in dvc_yaml()["stages"]["prepare"]["deps"]
+    raw = config.Config().data.raw_dir
+
+    def ignored(rel: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", rel], cwd=REPO, env=env()).returncode == 0
+
+    assert (REPO / raw / "README.md").is_file() and not ignored(f"{raw}/README.md")
+    assert ignored(f"{raw}/MNIST/raw/train-images-idx3-ubyte")  # the files themselves never go to git
+    assert not ignored(f"{raw}/MNIST.dvc")  # ... but `dvc add data/raw/MNIST` can be committed
+    assert ignored("data/prepared/digits/manifest.json")
 
 
 def test_live_logger_writes_dvclive_files_and_no_dvc_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,3 +306,19 @@ def test_beta_sweep_queues_one_experiment_per_value(repo: Path) -> None:
     assert status.count("Queued") == 2, status
 
 
+@needs_dvc
+def test_raw_files_are_tracked_as_the_prepare_dependency(repo: Path) -> None:
+    """MNIST's files under data/raw: `dvc add`-ed, prepared by `dvc repro prepare`, re-prepared when they change."""
+    write_raw(repo / "data" / "raw")
+    dvc(repo, "add", "data/raw/MNIST")
+    assert "data/raw/MNIST.dvc" in sh(repo, "git", "status", "--porcelain", "data/raw").stdout  # committable
+    set_param(repo, "data.dataset", "mnist")
+    assert ran(dvc(repo, "repro", "prepare")) == ["prepare"]
+    assert json.loads((repo / "data" / "prepared" / "mnist" / "manifest.json").read_text())["sizes"]["test"] == 12
+    deps = {d["path"]: d for d in lock(repo)["stages"]["prepare"]["deps"]}
+    assert deps["data/raw"]["nfiles"] == 6  # README.md, MNIST.dvc and the four IDX files
+    assert "prepare" not in json.loads(dvc(repo, "status", "--json", "prepare").stdout)
+    write_raw(repo / "data" / "raw", seed=1)  # other images: the data must be prepared again
+    changed = json.loads(dvc(repo, "status", "--json", "prepare").stdout)
+    assert {"data/raw": "modified"} in [e.get("changed deps") for e in changed["prepare"]]
+    assert ran(dvc(repo, "repro", "prepare")) == ["prepare"]

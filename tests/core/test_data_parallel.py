@@ -1,6 +1,5 @@
-"""Data-parallel bookkeeping in one process: who owns which example, how rank losses and statistics
-add up to the global batch's, when a rank prints (no process group; tests/flows/test_distributed.py
-starts real jobs)."""
+"""Data-parallel bookkeeping in one process: how a batch is shared out, what one process skips, when a
+rank prints (no process group; tests/flows/test_distributed.py starts real jobs)."""
 
 from __future__ import annotations
 
@@ -13,55 +12,33 @@ from diffenc_core.errors import ConfigError, PeerStopped
 N = 1000
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_every_example_of_a_batch_is_trained_by_exactly_its_owner(size):
+@pytest.mark.parametrize("size", [2, 4])
+def test_the_shares_of_a_batch_are_equal_and_cover_it_once(size):
     worlds = [distributed.World(rank=r, size=size) for r in range(size)]
-    owned = [torch.arange(r, N, size) for r in range(size)]  # example i belongs to rank i % size
-    assert [w.owned(N) for w in worlds] == [len(o) for o in owned]
     for step in range(3):
         idx = trainer.batch_indices(0, step, N, 128)
-        parts = [owned[w.rank][w.shard(idx)] for w in worlds]
-        assert sorted(torch.cat(parts).tolist()) == sorted(idx.tolist())
-        assert all((p % size == r).all() for r, p in enumerate(parts))
+        parts = [w.share(idx) for w in worlds]
+        assert torch.equal(torch.cat(parts), idx), "in rank order, the shares are the batch"
+        assert {p.numel() for p in parts} == {128 // size}, "equal shares: DDP's plain average is the batch mean"
 
 
-def test_rank_rows_put_back_in_order_are_the_whole_tensor():
-    full = torch.randn(N, 3)
-    worlds = [distributed.World(rank=r, size=3) for r in range(3)]
-    back = torch.empty_like(full)
-    for w in worlds:
-        back[w.rank :: 3] = w.rows(full)
-    assert torch.equal(back, full)
-
-
-def test_weighted_rank_means_average_to_the_global_batch_mean():
-    """DDP averages the ranks' gradients; each rank's mean loss times its share makes that average the
-    gradient of the global-batch mean, also for unequal shards."""
-    idx = trainer.batch_indices(1, 0, N, 100)
-    per_example = torch.randn(N)
-    worlds = [distributed.World(rank=r, size=3) for r in range(3)]
-    ddp_average = sum(
-        per_example[torch.arange(w.rank, N, 3)][w.shard(idx)].mean() * w.loss_scale(w.shard(idx).numel(), 100)
-        for w in worlds) / 3
-    assert torch.isclose(ddp_average, per_example[idx].mean(), atol=1e-6)
-    assert len({w.shard(idx).numel() for w in worlds}) > 1, "the shards are unequal here"
-
-
-def test_step_statistics_are_the_global_batch_means():
-    counts = torch.tensor([30.0, 34.0, 0.0])  # the third rank had none of the batch (a zero-weight step)
-    values = torch.tensor([[1.0, 2.0], [3.0, 1.0], [99.0, 99.0]])
-    merged = distributed.merge_stats(counts, values, ["accept", "retries"], 64)
-    assert merged["accept"] == pytest.approx((30 * 1.0 + 34 * 3.0) / 64)
-    assert merged["retries"] == 2.0  # a count: the worst rank's
+def test_a_batch_that_does_not_split_evenly_is_one_message():
+    distributed.World(rank=0, size=2).check_batch(128, N)
+    distributed.World().check_batch(7, 3)  # one process: anything goes
+    with pytest.raises(ConfigError, match="train.batch_size: 100 must be a multiple of the 3 processes"):
+        distributed.World(rank=0, size=3).check_batch(100, N)
+    with pytest.raises(ConfigError, match="at most the 50 training examples"):
+        distributed.World(rank=1, size=2).check_batch(64, 50)
 
 
 def test_one_process_changes_nothing():
     world = distributed.World()
     idx = trainer.batch_indices(0, 0, N, 64)
-    full = torch.randn(N, 2)
-    loss = torch.tensor(3.0)
-    assert world.shard(idx) is idx and world.rows(full) is full and world.gather_rows(full, N) is full
-    assert world.loss_scale(64, 64) == 1.0 and distributed.weighted(loss, 1.0) is loss
+    z = torch.randn(64, 2)
+    assert world.share(idx) is idx and world.all_gather_rows(idx, z) == (idx, z)
+    assert world.agree_step(15, 2.5) == (15, 2.5)
+    assert world.mean_stats({"accept": torch.tensor(0.5), "retries": torch.tensor(2.0)}) == {"accept": 0.5,
+                                                                                           "retries": 2.0}
     assert world.from_main(lambda: 7) == 7 and world.objects("x") == ["x"]
     with pytest.raises(ConfigError, match="bad"):
         world.agree(ConfigError("bad"))
