@@ -5,8 +5,9 @@ dataset fit in memory?
   threads and 2 processes × 1 thread (``diffenc train --nproc 2``), each a real ``diffenc train`` at
   the default batch (128), read from the run's history (training-step time only, after the first
   steps); the layouts take turns, ``repeats`` times, and the median counts. Two workloads: digits
-  (8×8, MLPs: small networks whose cost is per-operation overhead, so half a batch costs almost as much
-  as a whole one) and sprites 16×16 (conv networks: cost in proportion to the batch);
+  (8×8, d = 8: small MLPs) and an MNIST-size step (28×28 = 784-dimensional binarised sprites, the MNIST
+  benchmark's networks: 784-200-200 MLPs, d = 50, Bernoulli decoder); each rank trains its equal share of
+  the global batch and the E-step chains are replicated (one all-gather per EM step);
 * time to a fixed validation −ELBO with 1 vs 2 processes, both methods (the target is the best value
   both runs reach; the time is training-step time at the first validation at or below it);
 * peak resident memory (the kernel's high-water mark, VmHWM) of ``prepare`` and ``train`` (1 and 2 processes) on
@@ -38,22 +39,23 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"repeats": 1, "image_size": 28, "epoch_steps": {"vae": 10, "diffusion": 3},
               # workload: (steps, log_every, first step counted) of the EM step and of the VAE step
               "speed": {"digits": {"EM": (50, 2, 10), "VAE": (400, 20, 100)},
-                        "sprites": {"EM": (6, 1, 2), "VAE": (60, 5, 10)}},
+                        "mnist-size": {"EM": (40, 2, 10), "VAE": (200, 10, 40)}},
               "elbo": {"digits vae": {"steps": 400, "val_every": 25},
                        "digits diffusion": {"vae": 50, "steps": 100, "val_every": 10},
-                       "sprites vae": {"steps": 120, "val_every": 10}}},
+                       "mnist-size vae": {"steps": 120, "val_every": 10}}},
     "full": {"repeats": 2, "image_size": 32, "epoch_steps": {"vae": 20, "diffusion": 4},
              "speed": {"digits": {"EM": (120, 2, 20), "VAE": (1500, 50, 200)},
-                       "sprites": {"EM": (10, 1, 2), "VAE": (100, 10, 20)}},
+                       "mnist-size": {"EM": (120, 5, 20), "VAE": (800, 40, 200)}},
              "elbo": {"digits vae": {"steps": 1500, "val_every": 50},
                       "digits diffusion": {"vae": 200, "steps": 300, "val_every": 25},
-                      "sprites vae": {"steps": 300, "val_every": 20}}},
+                      "mnist-size vae": {"steps": 300, "val_every": 20}}},
 }
-WORKLOADS = {"digits": ["data.dataset=digits"],
-             "sprites": ["data.dataset=sprites", "data.image_size=16", "data.count=4000"]}
+WORKLOADS = {"digits": ["data.dataset=digits", "model.latent_dim=8"],
+             "mnist-size": ["data.dataset=sprites", "data.image_size=28", "data.count=6000", "data.binarize=dynamic",
+                            "model.latent_dim=50", "model.decoder.hidden=200", "model.vae.hidden=200"]}
 LAYOUTS = [("1 process × 1 thread", 1, 1), ("1 process × 2 threads", 1, 2), ("2 processes × 1 thread", 2, 1)]
 BATCH = 128
-COMMON = ["model.latent_dim=8", f"train.batch_size={BATCH}"]
+COMMON = [f"train.batch_size={BATCH}"]
 POLL_S = 0.2  # how often the ranks' memory high-water marks are read
 SPEED_CAP_S = 60
 """Training seconds a throughput run may take: threads that spin-wait on a core another job holds can

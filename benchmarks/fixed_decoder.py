@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import Timer, Workspace, arg_parser, save_figure, table, write_result
-from diffenc_core import checkpoint, config, data, metrics, trainer
+from diffenc_core import checkpoint, config, data, metrics, optim, trainer
 from diffenc_core.em import DiffusionEM
 from diffenc_core.evaluate import importance_samples
 from diffenc_core.evidence import AISSettings, ais_log_px
@@ -104,7 +104,7 @@ def fit_encoder(cfg: config.Config, method: DiffusionEM | GaussianVAE, x_train: 
     while step < total and (budget_s is None or elapsed < budget_s):
         t0 = time.perf_counter()
         idx = trainer.batch_indices(cfg.train.seed, step, len(x_train), cfg.train.batch_size)
-        trainer.set_lr(method.optimizers(), trainer.lr_scale(cfg, step, 0.0, *method.phase_bounds(step, total)))
+        optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, 0.0, *method.phase_bounds(step, total)))
         method.train_step(step, idx, x_train[idx])
         elapsed += time.perf_counter() - t0
         step += 1
@@ -198,6 +198,7 @@ def main() -> None:
                          f"train.steps={p['em_steps']}")
         torch.manual_seed(0)
         diff = trainer.build_method(dcfg, manifest)
+        diff.attach_data(trainer.TrainingSet(train_x))
         _fix_decoder(diff, dec_state)
         fit = fit_encoder(dcfg, diff, train_x, val_x)
         entry["encoders"]["diffusion (EM)"] = {**fit, **bounds(diff, test_x, log_px, p["iwae_k"])}

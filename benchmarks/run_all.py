@@ -362,7 +362,7 @@ def write_report(walls: dict[str, float | None] | None = None) -> Path:
         "in training steps; validation, checkpoints and evaluation are extra). `train.steps` comes from a "
         "short calibration of the step cost, times a margin (×3), so that the budget and not the step count "
         "ends each run; the cosine learning-rate schedule follows whichever of the two ends the run first "
-        "(`trainer.lr_scale`), so budgeted runs still reach its floor.",
+        "(`optim.lr_scale`), so budgeted runs still reach its floor.",
         "",
         "## Headlines",
         "",

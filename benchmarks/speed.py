@@ -36,8 +36,8 @@ from benchmarks.common import (  # noqa: E402
     table,
     write_result,
 )
-from diffenc_core import data, evaluate, trainer  # noqa: E402
-from diffenc_core.trainer import build_method  # noqa: E402
+from diffenc_core import data, evaluate, optim, trainer  # noqa: E402
+from diffenc_core.trainer import TrainingSet, build_method  # noqa: E402
 
 DIGITS = ["data.dataset=digits", "model.latent_dim=8", "train.threads=1"]
 BATCH = 128
@@ -55,39 +55,38 @@ def median_seconds(fn: Callable[[], object], reps: int, warm: bool = True) -> fl
 
 
 def phases(ws: Workspace, reps: int) -> list[dict]:
-    """Steady-state cost of each EM phase and of a VAE step on one batch of digits."""
+    """Steady-state cost of each EM phase (docs/method.md §3) and of a VAE step on one batch of digits."""
     split = data.load_split(ws.config(*DIGITS).data.prepared_dir, "train")
     idx = torch.arange(BATCH)
     x = split.x[idx]
-    rows = []
     torch.manual_seed(0)
     em = build_method(ws.config(*DIGITS, "train.method=diffusion"), split.manifest)
+    em.attach_data(TrainingSet(split.x))
     em.train_step(STEADY, idx, x)  # fills the persistent chains of this batch
     z_star, _ = em.e_step(STEADY, idx, x)
     cfg = em.em
 
     def enc_update() -> None:
-        em._update(em.opt_encoder, em.encoder.parameters(), em.encoder.loss(x, z_star))
+        optim.update(em.losses["encoder"](x, z_star), em.opt_encoder, clip=em.clip)
 
     def dec_update() -> None:
-        em._update(em.opt_decoder, em.decoder.parameters(), -em.decoder.log_prob(x, z_star).mean())
+        optim.update(em.decoder_loss(x, z_star), em.opt_decoder, clip=em.clip)
 
     timings = {
         f"E-step (MALA, {cfg.langevin_steps} steps, persistent)": median_seconds(
             lambda: em.e_step(STEADY, idx, x), reps),
-        "encoder update (eps-MSE, 1 Adam step)": median_seconds(enc_update, reps),
-        "M-step (decoder, 1 Adam step)": median_seconds(dec_update, reps),
-        f"EM step total ({cfg.encoder_updates} encoder updates)": median_seconds(
+        "encoder update (denoising + ELBO head, 1 Adam step)": median_seconds(enc_update, reps),
+        "M-step (decoder, 1 Adam step; none by default: m_step frozen)": median_seconds(dec_update, reps),
+        f"EM step total (defaults: {cfg.encoder_updates} encoder update(s), m_step {cfg.m_step})": median_seconds(
             lambda: em.train_step(STEADY, idx, x), reps),
         f"EM warm-up step ({cfg.warmup_langevin_steps} MALA steps)": median_seconds(
-            lambda: em.train_step(0, idx, x), max(1, reps // 2)),
+            lambda: em.train_step(em.vae_steps, idx, x), max(1, reps // 2)),
     }
     vae = build_method(ws.config(*DIGITS, "train.method=vae"), split.manifest)
     timings["VAE step"] = median_seconds(lambda: vae.train_step(STEADY, idx, x), reps)
     vae_s = timings["VAE step"]
-    for name, s in timings.items():
-        rows.append({"phase": name, "ms_per_batch": 1000 * s, "examples_per_s": BATCH / s, "x_vae_step": s / vae_s})
-    return rows
+    return [{"phase": name, "ms_per_batch": 1000 * s, "examples_per_s": BATCH / s, "x_vae_step": s / vae_s}
+            for name, s in timings.items()]
 
 
 def sampling(ws: Workspace, budget: float, step_counts: list[int], reps: int) -> tuple[list[dict], dict]:
@@ -144,6 +143,8 @@ def epoch_cost(ws: Workspace, sizes: list[int], latents: list[int], n_for_latent
         for method in ("diffusion", "vae"):
             torch.manual_seed(0)
             m = build_method(ws.config(*DIGITS, f"train.method={method}", f"model.latent_dim={d}"), manifest)
+            if method == "diffusion":
+                m.attach_data(TrainingSet(x_all))
             batches = [torch.arange(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
 
             def epoch(m=m, batches=batches, x_all=x_all) -> None:
@@ -171,6 +172,7 @@ def threads(ws: Workspace, reps: int) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     em = build_method(ws.config(*DIGITS, "train.method=diffusion"), split.manifest)
+    em.attach_data(TrainingSet(split.x))
     vae = build_method(ws.config(*DIGITS, "train.method=vae"), split.manifest)
     em.train_step(STEADY, idx, x)
     for n in (1, 2):

@@ -148,12 +148,16 @@ class DiffusionEM(DataParallelMethod, nn.Module):
                                step_size=em.step_size, step_max=em.step_size_max)
             return smc.z, {"ess": smc.ess.mean()}
         if not em.persistent:
-            return self.encoder.sample(x, steps=em.init_sampler_steps, sampler="dpmpp2m"), {}
+            return self.encoder_sample(x), {}
         z0 = self.chains[idx].clone()
         need = ~self.has_chain[idx]
         if need.any():
-            z0[need] = self.encoder.sample(x[need], steps=em.init_sampler_steps, sampler="dpmpp2m")
+            z0[need] = self.encoder_sample(x[need])
         return z0, {}
+
+    def encoder_sample(self, x: Tensor) -> Tensor:
+        """``z ~ q_phi(z|x)`` by ``em.init_sampler_steps`` ancestral steps (a sample, not the posterior mean)."""
+        return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="ancestral")
 
     # ---------------------------------------------------------------- 2. encoder updates
     def encoder_pairs(self, x: Tensor, z_star: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
@@ -203,7 +207,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         if self.em.m_step == "zstar":
             return z_star
         if self.em.m_step == "encoder":
-            return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="dpmpp2m")
+            return self.encoder_sample(x)
         mu, log_std = self.encoder.head(x)
         return mu + log_std.exp() * torch.randn_like(mu)
 

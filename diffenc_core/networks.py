@@ -301,8 +301,9 @@ class _FiLMBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
         self.act = nn.SiLU()
 
-    def forward(self, h: Tensor, cond: Tensor) -> Tensor:
-        scale, shift = self.film(cond).chunk(2, dim=-1)
+    def forward(self, h: Tensor, film: Tensor) -> Tensor:
+        """``film``: ``self.film(cond)``, the scale and shift (computed in parts by the score net)."""
+        scale, shift = film.chunk(2, dim=-1)
         y = self.norm(h) * (1 + scale) + shift
         y = self.fc2(self.act(self.fc1(self.act(y))))
         return h + y
@@ -365,22 +366,32 @@ class ScoreNet(nn.Module):
             image_shape if conv else None,
         )
 
-    def embed_x(self, x: Tensor) -> Tensor:
-        """The x-embedding ``(N, x_embed_dim)``; compute once per sampler call and reuse."""
-        return self.x_net(x)
+    def embed_x(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """What the network needs of ``x``, computed once per sampler call: the x-embedding's share of the input
+        layer and of every block's FiLM (the layers are linear in their input, so a step then costs only the z
+        and time parts: one time row when the whole batch shares a log-SNR)."""
+        h = self.x_net(x)
+        d = self.latent_dim
+        x_cond = self.x_cond(h)
+        films = [F.linear(x_cond, block.film.weight, block.film.bias) for block in self.blocks]
+        return F.linear(h, self.inp.weight[:, d : d + h.shape[1]], self.inp.bias), films
 
     def forward(
-        self, z_t: Tensor, logsnr: Tensor, x: Tensor | None = None, x_emb: Tensor | None = None
+        self, z_t: Tensor, logsnr: Tensor, x: Tensor | None = None, x_emb: tuple[Tensor, list[Tensor]] | None = None
     ) -> Tensor:
         if x_emb is None:
             if x is None:
                 raise ValueError("ScoreNet needs x or its embedding x_emb")
             x_emb = self.embed_x(x)
-        n = z_t.shape[0]
-        logsnr = torch.as_tensor(logsnr, dtype=z_t.dtype, device=z_t.device).reshape(-1).expand(n)
-        t_feat = sinusoidal_embedding(logsnr, self.time_embed_dim, self.max_period)
-        cond = self.t_net(t_feat) + self.x_cond(x_emb)
-        h = self.inp(torch.cat([z_t, x_emb, t_feat], dim=-1))
-        for block in self.blocks:
-            h = block(h, cond)
-        return self.out(torch.nn.functional.silu(self.out_norm(h)))
+        x_in, x_films = x_emb
+        lam = torch.as_tensor(logsnr, dtype=z_t.dtype, device=z_t.device).reshape(-1)
+        if lam.numel() > 1 and lam.stride(0) == 0:  # one log-SNR broadcast over the batch (a sampler step)
+            lam = lam[:1]
+        t_feat = sinusoidal_embedding(lam, self.time_embed_dim, self.max_period)  # (1 or N, time_embed_dim)
+        d, t0 = self.latent_dim, self.inp.in_features - self.time_embed_dim
+        # inp(cat[z_t, x_emb, t_feat]) and film(t_net(t) + x_cond) as sums of their parts
+        h = F.linear(z_t, self.inp.weight[:, :d]) + x_in + F.linear(t_feat, self.inp.weight[:, t0:])
+        t_cond = self.t_net(t_feat)
+        for block, x_film in zip(self.blocks, x_films, strict=True):
+            h = block(h, x_film + F.linear(t_cond, block.film.weight))
+        return self.out(F.silu(self.out_norm(h)))

@@ -34,7 +34,7 @@ from torch import Tensor
 from diffenc_core import checkpoint, data, distributed, optim, runs, runstart
 from diffenc_core.config import Config, dump
 from diffenc_core.em import DiffusionEM
-from diffenc_core.errors import CheckpointError, ConfigError, DiffencError, DivergenceError, RunError
+from diffenc_core.errors import CheckpointError, ConfigError, DataError, DiffencError, DivergenceError, RunError
 from diffenc_core.interrupt import Interrupted
 from diffenc_core.toys import ToyDecoder, toy_from_manifest
 from diffenc_core.vae import GaussianVAE
@@ -336,6 +336,7 @@ def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distribute
     try:
         split = data.load_split(cfg.data.prepared_dir, "train")
         manifest, n_train = split.manifest, len(split)
+        _check_recipe(cfg, manifest)
         world.check_batch(cfg.train.batch_size, n_train)
         val_x = data.load_split(cfg.data.prepared_dir, "val").x[:val_size].clone() if world.is_main else None
         if cfg.train.threads > 0:
@@ -368,6 +369,17 @@ def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distribute
     validate = Validation(val_x.to(device)) if val_x is not None else (lambda _method: None)
     return _Start(run, method, examples, n_train, device, validate, _History(run, rows, world.is_main),
                   step, elapsed, best)
+
+
+def _check_recipe(cfg: Config, manifest: dict[str, Any]) -> None:
+    """The prepared data must be what ``cfg.data`` describes (e.g. not intensities for a binarised run)."""
+    stored, wanted = manifest.get("recipe"), data.recipe(cfg.data)
+    if stored is None:  # prepared before recipes were recorded
+        return
+    keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if keys:
+        raise DataError(f"{cfg.data.prepared_dir}: prepared with other data settings ("
+                        f"{', '.join('data.' + k for k in keys)} differ): run `diffenc prepare` with these settings")
 
 
 def _resume(method: Method, blob: bytes, last: Path, cfg: Config, world: distributed.World) -> tuple[int, float, float]:

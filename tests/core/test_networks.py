@@ -91,7 +91,8 @@ def test_bernoulli_decoder_log_prob_is_the_summed_pixel_likelihood():
     p = dec.mean(z)
     by_hand = (x * p.log() + (1 - x) * (1 - p).log()).sum(-1)
     torch.testing.assert_close(dec.log_prob(x, z), by_hand)
-    torch.testing.assert_close(dec.log_prob(x, z), torch.distributions.Bernoulli(logits=dec.logits(z)).log_prob(x).sum(-1))
+    exact = torch.distributions.Bernoulli(logits=dec.logits(z)).log_prob(x).sum(-1)
+    torch.testing.assert_close(dec.log_prob(x, z), exact)
     zp = torch.randn(5, 4, 3)
     assert dec.log_prob(x, zp).shape == (5, 4)
     torch.testing.assert_close(dec.log_prob(x, zp)[1], dec.log_prob(x, zp[1]))
@@ -136,3 +137,26 @@ def test_score_net_shapes_zero_output_and_embedding_reuse(image_shape):
     z2 = z.clone()
     z2[1:] += 1.0
     torch.testing.assert_close(net(z2, lam, x=x)[0], out[0])
+
+
+def test_score_net_computes_x_once_and_one_time_row_for_a_shared_log_snr():
+    """The split input layer and a broadcast log-SNR give the network's plain formula, row for row."""
+    torch.manual_seed(0)
+    net = ScoreNet(x_dim=6, latent_dim=3, hidden=16, blocks=2, time_embed_dim=8, x_embed_dim=5)
+    torch.nn.init.normal_(net.out.weight)  # not the zero-initialised output: compare real values
+    x, z = torch.randn(4, 6), torch.randn(4, 3)
+
+    def plain(lam: torch.Tensor) -> torch.Tensor:
+        h_x = net.x_net(x)
+        t = sinusoidal_embedding(lam, 8)
+        h = net.inp(torch.cat([z, h_x, t], dim=-1))
+        cond = net.t_net(t) + net.x_cond(h_x)
+        for block in net.blocks:
+            h = block(h, block.film(cond))
+        return net.out(torch.nn.functional.silu(net.out_norm(h)))
+
+    per_row = torch.tensor([-3.0, 0.0, 2.0, 9.0])
+    torch.testing.assert_close(net(z, per_row, x=x), plain(per_row))
+    shared = torch.tensor(1.5).expand(4)
+    torch.testing.assert_close(net(z, shared, x=x), plain(torch.full((4,), 1.5)))
+    torch.testing.assert_close(net(z, shared, x_emb=net.embed_x(x)), plain(torch.full((4,), 1.5)))

@@ -20,7 +20,7 @@ from mounts import tmpfs
 from tiny import tiny
 
 from diffenc_core import checkpoint, config, data, runs, runstart, trainer
-from diffenc_core.errors import CheckpointError, ConfigError, DivergenceError, RunError, StorageError
+from diffenc_core.errors import CheckpointError, ConfigError, DataError, DivergenceError, RunError, StorageError
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +303,24 @@ def test_progress_is_logged_whole_and_only_when_asked(prepared, tmp_path, caplog
         trainer.train(_cfg(prepared, tmp_path, "train.method=vae"), progress=True)
     lines = [r.getMessage() for r in caplog.records]
     assert lines and "20/20" in lines[-1] and "val_neg_elbo=" in lines[-1] and "loss_vae=" in lines[-1], lines
+
+
+def test_data_prepared_with_other_settings_is_refused_before_the_run_starts(prepared, tmp_path):
+    """Prepared intensities are not what a binarised run asks for: one line naming the key, nothing written."""
+    with pytest.raises(DataError, match=r"prepared with other data settings \(data.binarize differ\)"):
+        trainer.train(_cfg(prepared, tmp_path, "data.binarize=dynamic"))
+    assert not (tmp_path / "runs" / "diffusion").exists()
+
+
+def test_a_bernoulli_run_on_dynamically_binarised_digits(tmp_path):
+    """MNIST's convention end to end on digits: binary validation data, a Bernoulli decoder, nats per image."""
+    root = tmp_path / "data"
+    data.prepare(config.load(None, [f"data.root={root}", "data.binarize=dynamic"]).data)
+    cfg = config.load(None, tiny(f"data.root={root}", f"train.runs_dir={tmp_path / 'runs'}", "data.binarize=dynamic"))
+    assert cfg.likelihood == "bernoulli"
+    run = trainer.train(cfg)
+    hist = run.history()
+    val = hist["val_neg_elbo"].dropna()
+    assert "sigma_x" not in hist and len(val) == 2
+    assert (val > 0).all(), "a Bernoulli -ELBO of binary pixels is positive nats"
+    assert checkpoint.load(run.checkpoint_dir / "last.pt")["models"]["decoder.net.0.weight"].shape[1] == 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -222,6 +223,47 @@ def test_a_callback_stops_a_run_of_several_processes(prepared, tmp_path):
     assert status["state"] == "stopped" and status["reason"] == "pruned at step 10"
     assert 10 <= status["steps"] < 5000 and logged[:2] == [5, 10]
     assert validated[0][0] == 10 and set(validated[0][1]) == {"val_neg_elbo", "val_rate", "val_distortion", "val_mse"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(sets: list[str], *flags: str) -> list[subprocess.CompletedProcess]:
+    """The README's several-machines command, as two torchrun launchers of one process each on this machine,
+    meeting through a c10d rendezvous on 127.0.0.1."""
+    port, run_id = _free_port(), f"test-{os.getpid()}-{time.monotonic_ns()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+           "-m", "flows.cli", "train", "--no-progress", *flags, *_args(sets)]
+    nodes = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outs = [node.communicate(timeout=LAUNCH_TIMEOUT_S) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    return [subprocess.CompletedProcess(cmd, n.returncode, o, e) for n, (o, e) in zip(nodes, outs, strict=True)]
+
+
+def test_two_nodes_train_checkpoint_and_resume_one_run(prepared, tmp_path):
+    """Two launchers (`torchrun --nnodes 2`, c10d rendezvous) train 20 steps and resume to 40: the same run,
+    tensor for tensor, as two processes of one `diffenc train --nproc 2` trained straight to 40."""
+    sets = _sets(prepared, tmp_path / "runs", "train.checkpoint_every=1000", "em.vae_steps=5", "train.lr_schedule=constant")
+    for flags, steps in (((), 20), (("--resume",), 40)):
+        done = _two_nodes([*sets, f"train.steps={steps}", "train.run=nodes"], *flags)
+        assert all(r.returncode == 0 for r in done), [r.stderr for r in done]
+        assert sum(r.stdout.count("trained") for r in done) == 1, "global rank 0 alone reports"
+    status = runs.Run(tmp_path / "runs" / "nodes").status()
+    assert status["state"] == "done" and status["processes"] == 2 and status["resumed_from"] == 25
+    straight = _cli("train", "--nproc", "2", "--no-progress", *_args([*sets, "train.steps=40", "train.run=straight"]))
+    assert straight.returncode == 0, straight.stderr
+    a, b = _models(tmp_path / "runs" / "straight"), _models(tmp_path / "runs" / "nodes")
+    assert all(torch.equal(a[key], b[key]) for key in a), "a resumed two-node run is the straight run"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
