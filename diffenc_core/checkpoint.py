@@ -8,6 +8,7 @@ chains and step sizes, and the resolved configuration. It is loaded with ``weigh
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def loads(blob: bytes, path: str | Path, map_location: str | torch.device = "cpu
 
 def _parse(source: Path | io.BytesIO, p: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
-        body = torch.load(source, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a legacy pickle's protocol warning: the one line below says it all
+            warnings.simplefilter("ignore")
+            body = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"{p}: not a readable diffenc checkpoint ({err.__class__.__name__}); "

@@ -6,8 +6,13 @@ wrong types and out-of-range values are rejected with a message that names the k
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import re
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +25,8 @@ Fraction = Field(gt=0.0, lt=1.0)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float must be finite: .inf or .nan in a budget, rate or step size fails at step 1, not here
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 NAME_MAX = 255  # bytes in one folder name on common file systems
@@ -29,12 +35,14 @@ _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 def check_name(value: str | None) -> str | None:
     """A run name is one folder name directly under ``train.runs_dir``: no path separators, no
-    leading dot (``.``, ``..``, hidden folders), no control characters, nothing empty."""
+    leading dot (``.``, ``..``, hidden folders) or ``~`` (a shell reads it as a home folder), no
+    control characters, nothing empty."""
     if value is None:
         return None
-    if not value.strip() or value.startswith(".") or _UNSAFE_NAME.search(value) or len(value.encode()) > NAME_MAX:
+    if (not value.strip() or value.startswith((".", "~")) or _UNSAFE_NAME.search(value)
+            or len(value.encode()) > NAME_MAX):
         raise ValueError("must be one folder name under train.runs_dir, e.g. 'vae-b0.5' "
-                         "(no '/', '\\', '..' or leading '.')")
+                         "(no '/', '\\', '..', leading '.' or '~')")
     return value
 
 
@@ -402,8 +410,8 @@ class Config(_Section):
     def _check_space(self) -> Config:
         for key in self.tune.space:
             try:
-                _lookup(self.model_dump(), key.split("."))
-            except KeyError:
+                lookup(self.model_dump(), key)
+            except (KeyError, ConfigError):
                 raise ValueError(f"tune.space key '{key}' is not a configuration key") from None
         return self
 
@@ -411,63 +419,267 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-def _lookup(tree: dict[str, Any], parts: list[str]) -> Any:
+# ---------------------------------------------------------------- keys that leave results unchanged
+RESULT_NEUTRAL = (
+    "train.run", "train.runs_dir", "data.root",  # where the run and the prepared data live
+    "train.threads", "train.device", "train.nproc", "train.dist_timeout_s",  # where and how it computes
+    "train.checkpoint_every", "train.log_every",  # how often it writes
+    "eval.",  # what an evaluation computes: training never reads it
+)
+"""Keys whose value leaves what a training computes unchanged (``train.nproc`` changes which random
+streams are drawn, not the method); an entry ending in '.' is a whole section. Both lists below start here."""
+
+TRIAL_KEYS = ("train.run", "train.runs_dir", "train.steps", "train.val_every")
+"""What each tuning trial sets itself: its run folder, its budget (``tune.trial_steps``) and validation interval."""
+
+RESUME_FREE = (*RESULT_NEUTRAL, "train.steps", "train.time_budget_s", "tune.")
+"""May differ between a run and its ``--resume``: the neutral keys, the budget (a resume may extend it)
+and ``tune.*`` (a training never reads it)."""
+
+STUDY_FREE = (*RESULT_NEUTRAL, *TRIAL_KEYS, "tune.study", "tune.storage", "tune.n_trials", "tune.workers",
+              "tune.heartbeat_interval", "tune.grace_period", "tune.max_retry")
+"""May differ between two starts of one study: the neutral keys, what each trial sets itself, and how this
+start runs the study. Unlike a resume, not ``train.time_budget_s`` (it caps every trial) nor the ``tune``
+keys that define the study (objective, space, trial_steps, report_every, pruner, sampler_seed)."""
+
+
+def is_free(key: str, free: tuple[str, ...]) -> bool:
+    """Whether the dotted ``key`` (a leaf of :func:`flatten`) is one of ``free`` or lies in a section of it."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in free)
+
+
+# ------------------------------------------------------------------------------ dotted keys
+# The one reading of dotted keys (``--set``, Prefect parameters, resume and study checks). A key walks the
+# configuration's sections; ``tune.space`` is a mapping keyed by dotted configuration keys, so inside it the
+# longest prefix that names a configuration key is one node: tune.space.em.step_size.low is
+# ["tune", "space", "em.step_size", "low"].
+@dataclass(frozen=True)
+class _Mapping:
+    """A field that maps keys of its own (not fields) to values of ``value`` (a model, or None: plain values)."""
+
+    value: type[BaseModel] | None
+
+
+Node = type[BaseModel] | _Mapping | None  # what a tree node holds: a section, a mapping, or a value / unknown
+
+
+def _model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _inner(node: Node, name: str) -> Node:
+    """The kind of node found under ``name`` in a node of kind ``node``."""
+    if isinstance(node, _Mapping):
+        return node.value
+    field = node.model_fields.get(name) if node is not None else None
+    if field is None:
+        return None
+    if typing.get_origin(field.annotation) is dict:
+        return _Mapping(_model(typing.get_args(field.annotation)[1]))
+    return _model(field.annotation)
+
+
+@functools.cache
+def leaf_keys() -> frozenset[str]:
+    """Every dotted key of a value (not a section) in the configuration."""
+    return frozenset(k for k, ann in _fields(Config) if _model(ann) is None)
+
+
+def _annotation(key: str) -> Any:
+    """The type of the value at the dotted ``key`` (None for an unknown key)."""
+    try:
+        nodes = split_key(key)
+    except ConfigError:
+        return None
+    kind: Node = Config
+    for name in nodes[:-1]:
+        kind = _inner(kind, name)
+    if isinstance(kind, _Mapping):
+        return kind.value
+    field = kind.model_fields.get(nodes[-1]) if kind is not None else None
+    return field.annotation if field is not None else None
+
+
+def split_key(key: str, where: str | None = None, node: Node = None) -> list[str]:
+    """The nodes of a dotted ``key`` below a node of kind ``node`` (default: the whole configuration)."""
+    parts = str(key).split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"{where or key}: bad key {str(key)!r} (expected dotted names, e.g. 'train.beta')")
+    node = Config if node is None else node
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        if isinstance(node, _Mapping):
+            known = leaf_keys()
+            end = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in known), len(parts))
+            out.append(".".join(parts[i:end]))
+            i = end
+        else:
+            out.append(parts[i])
+            i += 1
+        node = _inner(node, out[-1])
+    return out
+
+
+def lookup(tree: dict[str, Any], key: str) -> Any:
+    """The value at the dotted ``key`` of a nested ``tree``; KeyError when it is not there."""
     node: Any = tree
-    for part in parts:
+    for part in split_key(key):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(part)
+            raise KeyError(key)
         node = node[part]
     return node
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
+def set_dotted(tree: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """Set the dotted ``key`` of the nested ``tree`` to ``value``. A mapping given for a configuration
+    section is merged into it key by key (its keys dotted or nested alike); anything else replaces what
+    was there (values, lists, the ``tune.space`` mapping)."""
+    _set(tree, split_key(key, where), value, where or key, Config)
+
+
+def _set(tree: dict[str, Any], nodes: list[str], value: Any, where: str, kind: Node) -> None:
+    node = tree
+    for i, name in enumerate(nodes):
+        parent, kind = kind, _inner(kind, name)
+        if i == len(nodes) - 1:
+            break
+        if kind is None and _model(parent) is not None and name in parent.model_fields:
+            raise ConfigError(f"{where}: '{'.'.join(nodes[: i + 1])}' is a value, not a section")
+        nxt = node.setdefault(name, {})
+        if nxt is None:
+            nxt = node[name] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: '{'.'.join(nodes[: i + 1])}' is a value, not a section")
+        node = nxt
+    last, section = nodes[-1], _model(kind)
+    if section is not None and value is not None and not isinstance(value, dict):
+        name = ".".join(nodes)
+        raise ConfigError(f"{where}: '{name}' is a section: set its keys (e.g. {name}."
+                          f"{next(iter(section.model_fields))}), not the section itself (got {_short(value)})")
+    if section is not None:  # merged key by key (an empty section in a file changes nothing)
+        if not isinstance(node.get(last), dict):
+            node[last] = {}
+        for sub, sub_value in (value or {}).items():
+            _set(node[last], split_key(sub, where, kind), sub_value, where, kind)
+        return
+    node[last] = value
+
+
+def flatten(tree: dict[str, Any], node: Node = None, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values; a mapping's entries are leaves of their own (``tune.space['em.step_size']``)."""
+    node = Config if node is None and not prefix else node
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full, inner = f"{prefix}{key}", _inner(node, str(key))
+        if isinstance(inner, _Mapping) and isinstance(value, dict):
+            out |= {f"{full}['{k}']": v for k, v in value.items()}
+        elif isinstance(value, dict) and value and (inner is not None or node is None or _model(node) is None):
+            out |= flatten(value, inner, full + ".")
+        else:
+            out[full] = value
+    return out
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, annotation) of every field, sections and their fields alike."""
+    out = []
     for name, field in model.model_fields.items():
-        full = f"{prefix}{name}"
-        keys.append(full)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, full + "."))
-    return keys
+        out.append((f"{prefix}{name}", field.annotation))
+        sub = _model(field.annotation)
+        if sub is not None:
+            out += _fields(sub, f"{prefix}{name}.")
+    return out
 
 
-def _format_error(err: ValidationError, source: str, set_keys: tuple[str, ...] = ()) -> str:
-    """One line per problem, naming where the bad value came from: ``--set key`` for a value a
-    ``--set`` gave (or lies under), else ``source`` (the params file)."""
-    lines = []
-    known = _known_keys(Config)
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return [k for k, _ in _fields(model)]
+
+
+def _accepts_text(key: str) -> bool:
+    """Whether the value at ``key`` is text (a name, path or choice): a ``--set`` gives it verbatim."""
+    ann = _annotation(key)
+    options = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    for option in options:
+        if option is str:
+            return True
+        if typing.get_origin(option) is Literal and all(isinstance(a, str) for a in typing.get_args(option)):
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------ validation
+Layer = tuple[str, dict[str, Any]]
+"""Overrides and how an error in them is attributed: ``("--set {key}", {...})`` names each key's own
+``--set``; a label without ``{key}`` (``"parameters"``) is followed by the key."""
+
+
+SHOWN_INPUT = 80  # characters of a rejected value shown in its message
+
+
+def _owner(key: str, message: str, layers: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The (dotted key, label) of the override behind an error at ``key`` (the last one counts): the key
+    itself or a section it lies in; else, for a check of a whole section (or of the whole configuration,
+    ``key`` empty), an override inside it that the message names; for an unknown section, the key set in it."""
+    direct = [o for o in layers if key and (key == o[0] or key.startswith(o[0] + "."))]
+    if direct:
+        return direct[-1]
+    inside = [o for o in layers if not key or o[0].startswith(key + ".")]
+    named = [o for o in inside if o[0] in message] or [o for o in inside if split_key(o[0])[-1] in message]
+    if named:
+        return named[-1]
+    return inside[-1] if inside and not message else None
+
+
+def _format_error(err: ValidationError, source: str, layers: list[tuple[str, str]]) -> str:
+    """One line: every problem, separated by '; ', each naming where the bad value came from (the
+    ``--set`` or parameter that gave it, else ``source``, the params file) and the key."""
+    problems: list[str] = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if p != "__root__")
-        owner = next((k for k in set_keys if key and (key == k or key.startswith(k + "."))), None)
-        where = f"--set {owner}" if owner else source
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        unknown = e["type"] == "extra_forbidden"
+        msg = e["msg"].removeprefix("Value error, ")
+        owner = _owner(key, "" if unknown else msg, layers)
+        where = source if owner is None else owner[1].format(key=owner[0])
+        if unknown:
+            unknown_key = owner[0] if owner is not None and len(owner[0]) > len(key) else key
+            close = difflib.get_close_matches(unknown_key, _known_keys(Config), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(f"{where}: unknown key '{key}'{hint}")
+            text = f"{where}: unknown key '{unknown_key}'{hint}"
         else:
-            msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            named = "" if key == owner else f"{key or 'config'}: "
-            lines.append(f"{where}: {named}{msg}{shown}")
-    return "\n".join(lines)
+            shown = "" if isinstance(got, dict) else f" (got {_short(got)})"
+            named = "" if not key or (owner is not None and key == owner[0] and "{key}" in owner[1]) else f"{key}: "
+            text = f"{where}: {named}{msg}{shown}"
+        if text not in problems:
+            problems.append(text)
+    return "; ".join(problems)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
-    parts = key.split(".")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{source}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_INPUT else text[: SHOWN_INPUT - 1] + "…"
+
+
+def resolve(params: str | Path | None = None, *layers: Layer, tree: dict[str, Any] | None = None) -> Config:
+    """The params file (None: the defaults; or a ready ``tree``), then each layer of dotted overrides in
+    turn, validated once; a bad key or value is one ConfigError line naming the file or override."""
+    base = copy.deepcopy(tree) if tree is not None else Config().to_dict()  # a dotted key edits a default too
+    if params is not None:
+        for key, value in read_yaml(params).items():
+            set_dotted(base, key, value, str(params))
+    owners: list[tuple[str, str]] = []
+    for label, overrides in layers:
+        for key, value in overrides.items():
+            where = label.format(key=key) if "{key}" in label else f"{label}: {key}"
+            set_dotted(base, key, value, where)
+            owners.append((str(key), label))
+    return from_dict(base, str(params) if params is not None else "config", owners)
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["train.beta=0.5", ...]`` -> ``{"train.beta": 0.5}``; values are read as YAML scalars."""
+    """``["train.beta=0.5", ...]`` -> ``{"train.beta": 0.5}``: values are read as YAML, except for
+    text keys (names, paths, choices), which take the text as written (``train.run=~`` is the name '~')."""
     out: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
@@ -476,55 +688,79 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set {item!r}: empty key")
+        if _accepts_text(key) or not raw.strip():
+            out[key] = raw
+            continue
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
             out[key] = raw
     return out
 
 
-def from_dict(tree: dict[str, Any], source: str = "config", set_keys: tuple[str, ...] = ()) -> Config:
-    """Validate a nested dict; a bad key or value raises ConfigError naming it (and the ``--set``
-    it came from, for the dotted ``set_keys``)."""
+def from_dict(tree: dict[str, Any], source: str = "config", owners: list[tuple[str, str]] | None = None) -> Config:
+    """Validate a nested dict; a bad key or value raises one ConfigError line naming it (and the override
+    that gave it, ``owners``: (dotted key, label) pairs as :func:`resolve` makes them)."""
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source, set_keys)) from None
+        raise ConfigError(_format_error(err, source, owners or [])) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    """Read a params file: a YAML mapping in UTF-8; anything else is one ConfigError line naming the file."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: params file not found")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, not a params file (give a .yaml file, e.g. --params params.yaml)")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: params file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read the params file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
+                          "save the params file as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__}: {err})") from None
+        raise ConfigError(f"{p}: not valid YAML{_yaml_where(err)}") from None
+    if tree is None:
+        return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level (data:, model:, train:, ...), "
+                          f"not a {type(tree).__name__}")
     return tree
+
+
+def _yaml_where(err: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem`` from a YAML error (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "reason", None) or err.__class__.__name__
+    if mark is not None:
+        context = getattr(err, "context", None)
+        more = f" ({context})" if context else ""
+        return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{more}"
+    position, character = getattr(err, "position", None), getattr(err, "character", None)
+    what = f"character #x{character:04x}, " if isinstance(character, int) else ""
+    return f" at offset {position}: {what}{problem}" if position is not None else f": {problem}"
 
 
 def load(
     params: str | Path | None = "params.yaml",
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> Config:
-    """Load ``params`` (None = all defaults) and apply dotted overrides on top."""
-    tree: dict[str, Any] = read_yaml(params) if params is not None else {}
-    source = str(params) if params is not None else "config"
+    """Load ``params`` (None = all defaults) and apply dotted overrides (``--set`` strings or a dict) on top."""
     sets = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    for key, value in sets.items():
-        _set_dotted(tree, key, value, f"--set {key}")
-    return from_dict(tree, source, tuple(sets))
+    return resolve(params, ("--set {key}", sets))
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of ``cfg`` with dotted overrides applied and re-validated."""
-    tree = cfg.to_dict()
-    for key, value in overrides.items():
-        _set_dotted(tree, key, value, f"--set {key}")
-    return from_dict(tree)
+    """A copy of ``cfg`` with dotted overrides applied and validated: a new configuration derived from one."""
+    return resolve(None, ("--set {key}", overrides), tree=cfg.to_dict())
 
 
 class _Dumper(yaml.SafeDumper):

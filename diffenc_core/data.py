@@ -291,6 +291,9 @@ def _read_numpy_file(path: Path) -> Arrays:
     except DataError:
         raise
     except Exception as err:
+        if "pickle" in str(err) or "Object arrays" in str(err):  # numpy's advice to unpickle is not ours to give
+            raise DataError(f"{path}: not a readable NumPy file of numbers (pickled objects are never loaded; save "
+                            "numeric arrays, e.g. np.savez(path, x=...))") from None
         raise DataError(f"{path}: not a readable NumPy file ({err.__class__.__name__}: {err})") from None
 
 

@@ -37,15 +37,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from diffenc_core import errors
-from diffenc_core.errors import ConfigError, DiffencError, JobError, PeerStopped
+from diffenc_core.errors import FAILED_EXIT, USER_ERROR_EXIT, ConfigError, DiffencError, JobError, PeerStopped
 
 T = TypeVar("T")
 
 LAUNCHED_ENV = "DIFFENC_LAUNCHED"
 """Set by ``diffenc train --nproc`` for its ranks: the launcher reports the outcome, the ranks stay quiet."""
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun's agent reads a failed rank's message
-USER_ERROR_EXIT = 2  # the CLI's status for a user mistake (DiffencError)
-PEER_STOPPED_EXIT = 1  # a rank that stopped because another one failed
 ROOT_CAUSE_KEY = "diffenc/root-cause"
 STORE_TIMEOUT_S = 10.0  # a job store that does not answer within this is gone (its agent died)
 MAX_STATS = frozenset({"retries"})  # step statistics merged by their maximum, not the mean over ranks
@@ -96,7 +94,7 @@ def exit_code(err: BaseException) -> int:
     """The CLI's exit status for ``err``."""
     if isinstance(err, PeerStopped | JobError):
         return err.exit_code
-    return USER_ERROR_EXIT if isinstance(err, DiffencError) else 1
+    return USER_ERROR_EXIT if isinstance(err, DiffencError) else FAILED_EXIT
 
 
 def one_line(err: BaseException) -> str:
@@ -266,7 +264,7 @@ class World:
             return err
         root, message = self._root_cause(one_line(err))
         if root != self.rank:
-            return PeerStopped(PEER_STOPPED_EXIT, f"rank {root}: {message}")
+            return PeerStopped(FAILED_EXIT, f"rank {root}: {message}")
         if _collective_failure(err):
             return JobError(f"rank {self.rank}: lost another process of the job (it died, was killed or hung past "
                             f"train.dist_timeout_s): {_backend_reason(err)}")

@@ -1,4 +1,5 @@
-"""The user-facing errors: each carries one message that names the key, file or run at fault."""
+"""The user-facing errors, each carrying one message that names the key, file or run at fault, and
+the exit statuses every front ends with (one table, so the CLI, the launcher and the workers agree)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+FAILED_EXIT = 1
+"""Failed for a reason that is not the user's (a process died or hung), or stopped because a peer did."""
+USER_ERROR_EXIT = 2
+"""A user mistake (a :class:`DiffencError`): one line says which."""
+WORKER_DIED_EXIT = 3
+"""``diffenc tune``: a worker process died during the study (even if it was replaced)."""
+SIGNAL_EXIT_BASE = 128
+"""A process stopped by signal N exits with 128 + N, by shell convention: 130 for SIGINT, 143 for SIGTERM."""
+
+
+def signal_exit(signum: int) -> int:
+    """The exit status of a process stopped by ``signum``."""
+    return SIGNAL_EXIT_BASE + int(signum)
 
 
 class DiffencError(Exception):
@@ -41,7 +56,7 @@ class JobError(RuntimeError):
     """A training job of several processes failed for a reason that is not a user mistake (a process
     died, was killed or hung): one line, exit status ``exit_code``."""
 
-    exit_code = 1
+    exit_code = FAILED_EXIT
 
 
 class PeerStopped(Exception):  # noqa: N818 - a way of stopping, like StopIteration

@@ -10,8 +10,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from diffenc_core.errors import signal_exit
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N, by shell convention
 
 
 class Interrupted(KeyboardInterrupt):
@@ -29,4 +30,4 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        return SIGNAL_EXIT_BASE + self.signum
+        return signal_exit(self.signum)

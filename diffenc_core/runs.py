@@ -10,11 +10,12 @@ only through this module, so the layout below is the one contract between them::
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffenc_core.errors import RunError, writing
+from diffenc_core.errors import RunError, StorageError, writing
 
 STATUS = "status.json"
 PARAMS = "params.yaml"
@@ -41,6 +42,8 @@ STOP_REQUEST = "stop-request"  # ``diffenc train --nproc`` asks its processes to
 RUN_ENTRIES = frozenset({STATUS, PARAMS, HISTORY, METRICS, RECON, LATENTS, POSTERIOR, PLOTS, CHECKPOINTS, LIVE,
                          STOP_REQUEST})
 """Everything a run directory may hold (besides atomic-write leftovers): what replacing a run removes."""
+EVALUATION_ENTRIES = (METRICS, RECON, LATENTS, POSTERIOR, PLOTS)
+"""What ``diffenc evaluate`` writes: it measures one checkpoint, so a run that trains further drops it."""
 KEPT_ENTRIES = frozenset({".gitignore"})  # DVC's list of the outputs it tracks here: kept when a run is replaced
 
 # ------------------------------------------------------------------------------ atomic writes
@@ -49,14 +52,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds.
 
     The temporary file is removed whatever happens, so ``path`` is either the old file or the new
-    one; a read-only or full disk is a StorageError naming the file.
+    one; a read-only or full disk is a StorageError naming the file. The file gets the permissions
+    any new file of the user gets (the umask), not a temporary file's private ones.
     """
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    tmp_path = Path(tmp)
+        tmp_path = _new_sibling(path)
     try:
         with writing(path):
             yield tmp_path
@@ -66,9 +68,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _new_sibling(path: Path) -> Path:
+    """Create an empty ``.<name>.<random>.tmp`` beside ``path`` with mode 0666 less the umask."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # whatever the locale: every reader expects UTF-8
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -183,7 +197,7 @@ class Run:
         if not p.exists():
             return {}
         try:
-            tree = yaml.load(p.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            tree = yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except Exception as err:
             self.problems.append(f"{PARAMS}: unreadable ({err.__class__.__name__})")
             return {}
@@ -199,7 +213,7 @@ class Run:
         if not p.exists():
             return None
         try:
-            obj = json.loads(p.read_text())
+            obj = json.loads(p.read_text(encoding="utf-8"))
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
             return obj
@@ -270,7 +284,8 @@ def remove(path: str | Path) -> None:
     """Remove every file of the run at ``path`` (live/ included), leaving an empty folder.
 
     Refuses a folder that holds anything a run does not write, so a mistyped name can never
-    delete another program's files, a tuning study or a folder of runs.
+    delete another program's files, a tuning study or a folder of runs; and checks that every
+    file can be removed before removing any, so a refusal leaves the old run whole.
     """
     p = Path(path)
     foreign = foreign_entries(p)
@@ -278,14 +293,71 @@ def remove(path: str | Path) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise RunError(f"{p}: not replacing it, it holds files no run writes ({shown}); "
                        "move them or choose another train.run")
-    with writing(p, "check train.runs_dir"):
-        for entry in p.iterdir() if p.is_dir() else []:
-            if entry.name in KEPT_ENTRIES:
-                continue
+    entries = [e for e in p.iterdir() if e.name not in KEPT_ENTRIES] if p.is_dir() else []
+    _remove_entries(p, entries, "the old run's files", f"nothing of {p} was removed")
+
+
+def remove_evaluation(path: str | Path) -> list[str]:
+    """Remove the files of the run's last evaluation (metrics.json, its tables and plots); returns their
+    names. For a resumed run that trains further: they describe a checkpoint it will no longer have."""
+    p = Path(path)
+    entries = [p / name for name in EVALUATION_ENTRIES if (p / name).exists() or (p / name).is_symlink()]
+    entries = [e for e in entries if e.is_symlink() or not e.is_dir() or any(e.iterdir())]  # not an empty plots/
+    _remove_entries(p, entries, "the stale evaluation", f"{p} was not resumed")
+    return [e.name for e in entries]
+
+
+def _remove_entries(folder: Path, entries: list[Path], what: str, outcome: str) -> None:
+    """Remove ``entries`` of ``folder`` (files, links, whole folders) once every one is known to be removable."""
+    for entry in entries:
+        blocked = removal_blocked(entry)
+        if blocked is not None:
+            raise StorageError(f"{blocked[0]}: cannot remove {what} ({blocked[1]}); {outcome}")
+    with writing(folder, "check train.runs_dir"):
+        for entry in entries:
             if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
+                shutil.rmtree(entry, onerror=_raise_with_path)
             else:
                 entry.unlink()
+
+
+def removal_blocked(entry: str | Path) -> tuple[Path, str] | None:
+    """Why ``entry`` (a folder: with everything in it) cannot be removed, naming the folder at fault; None
+    when it can. Removing needs write and search permission on the folder that holds a file, a folder must
+    be listable and not a mount point; links are removed, never followed."""
+    entry = Path(entry)
+    if not os.access(entry.parent, os.W_OK | os.X_OK):
+        return entry.parent, _denied(entry.parent)
+    if entry.is_symlink() or not entry.is_dir():
+        return None
+    unlistable: list[OSError] = []
+    for top, _, _ in os.walk(entry, onerror=unlistable.append):
+        folder = Path(top)
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            return folder, _denied(folder)
+        if os.path.ismount(folder):
+            return folder, "a mount point"
+    if unlistable:
+        err = unlistable[0]
+        return Path(err.filename or entry), err.strerror or "cannot be listed"
+    return None
+
+
+def _denied(folder: Path) -> str:
+    """Why a folder refuses changes: a read-only file system, else its permissions."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return os.strerror(errno.EROFS) if read_only else os.strerror(errno.EACCES)
+
+
+def _raise_with_path(func: Any, path: str, exc_info: Any) -> None:
+    """shutil.rmtree's error, naming the full path (its own error names only the entry)."""
+    err = exc_info[1]
+    if isinstance(err, OSError) and err.errno is not None:
+        raise OSError(err.errno, err.strerror, path) from None
+    raise err
 
 
 def open_run(path: str | Path) -> Run:

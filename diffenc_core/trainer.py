@@ -415,7 +415,7 @@ def _warm_start_source(cfg: Config) -> tuple[Path, bytes]:
     """The checkpoint of the VAE run ``train.warm_start`` and its bytes: its best (early-stopped on
     held-out data), else its last."""
     assert cfg.train.warm_start is not None
-    source = Path(cfg.train.runs_dir) / cfg.train.warm_start
+    source = runstart.run_path(cfg.train.runs_dir, cfg.train.warm_start, "train.warm_start")
     ckpt = source / runs.CHECKPOINTS
     path = ckpt / "best.pt" if (ckpt / "best.pt").exists() else ckpt / "last.pt"
     if not path.exists():

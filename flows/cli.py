@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,20 +20,50 @@ import typer
 from rich.console import Console
 
 from diffenc_core import config as config_mod
-from diffenc_core.errors import DiffencError, JobError, PeerStopped
+from diffenc_core.errors import USER_ERROR_EXIT, DiffencError, JobError, PeerStopped, signal_exit
 from flows import dispatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err_console = Console(stderr=True)
 console = Console(soft_wrap=True)  # a long run path stays one line in a log file (not cut at 80 columns)
 
-SIGINT_EXIT = 130  # 128 + SIGINT, the shell's status for a process stopped by Ctrl-C
-USER_ERROR_EXIT = 2
+LOGGERS = ("diffenc_core", "flows")
+"""The library's and the fronts' loggers: their INFO records ("resuming vae from step 20") are CLI output."""
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override, e.g. --set train.beta=0.5")
 ]
+
+
+class _Lines(logging.Handler):
+    """A log record as one plain line, like the rest of the CLI's output: INFO on stdout, warnings and
+    errors on stderr (``warning: …``); no time stamps or levels."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.WARNING:
+                label = record.levelname.lower()
+                err_console.print(f"[bold yellow]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+            else:
+                console.print(text, markup=False, highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
+@app.callback()
+def _show_logs() -> None:
+    # before every command (once per process): the LOGGERS' records on the terminal; through Prefect, not
+    # a second time in Prefect's format (its console handler sits on the root logger)
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _Lines) for h in logger.handlers):
+            logger.addHandler(_Lines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = not dispatch.use_prefect()
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,8 +159,8 @@ def train(
     kwargs: dict[str, Any] = {"resume": resume, "overwrite": overwrite, "progress": progress}
     if live is not None:
         kwargs["live_dir"] = str(live)
-    if not dispatch.use_prefect():  # a flow run logs the start line and handles signals in its task
-        kwargs.update(say=lambda line: console.print(line, markup=False, highlight=False), stop_signals=True)
+    if not dispatch.use_prefect():  # a flow run handles signals in its task
+        kwargs["stop_signals"] = True
     try:
         out = dispatch.call("train", cfg, **kwargs)
     except Interrupted as stop:
@@ -137,7 +169,7 @@ def train(
     except KeyboardInterrupt:  # a second signal: stopped at once, its last periodic checkpoint kept
         say_error("interrupted", KeyboardInterrupt("stopped at once; `diffenc train --resume` continues from the "
                                                    "last periodic checkpoint"), agreed=True)
-        raise typer.Exit(SIGINT_EXIT) from None
+        raise typer.Exit(signal_exit(signal.SIGINT)) from None
     except StopTraining:  # a rank of `diffenc train --nproc` asked to stop: its launcher reports it
         raise typer.Exit(0) from None
     if not _in_job() or _reports(None):

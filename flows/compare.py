@@ -49,8 +49,27 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def stale_note(run: runs.Run) -> str | None:
+    """A note when the run's metrics.json is older than its last checkpoint: it trained further after it was
+    evaluated (a resume drops the old evaluation; a run from before that, or files copied in, may not)."""
+    try:
+        stale = run.file(runs.METRICS).stat().st_mtime_ns < (run.checkpoint_dir / "last.pt").stat().st_mtime_ns
+    except OSError:
+        return None
+    if not stale:
+        return None
+    return (f"{run.path}: metrics.json is older than checkpoints/last.pt (trained further since its evaluation); "
+            f"its metrics are stale: run `diffenc evaluate --run {run.path}`")
+
+
 def _select(runs_dir: Path, chosen: list[Path] | None) -> tuple[list[runs.Run], list[str]]:
-    """The evaluated runs to compare, and a note for each run left out."""
+    """The evaluated runs to compare, and a note for each run left out or with stale metrics."""
+    selected, notes = _evaluated(runs_dir, chosen)
+    notes += [note for run in selected if (note := stale_note(run)) is not None]
+    return selected, notes
+
+
+def _evaluated(runs_dir: Path, chosen: list[Path] | None) -> tuple[list[runs.Run], list[str]]:
     notes: list[str] = []
     if chosen:
         selected = [runs.open_run(p) for p in chosen]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from diffenc_core.config import Config
 from flows import entry
 
 
@@ -24,10 +25,10 @@ def use_prefect() -> bool:
     return bool(os.environ.get("PREFECT_API_URL"))
 
 
-def call(name: str, cfg: Any, **kwargs: Any) -> Any:
-    """``name`` is one of prepare / train / evaluate."""
+def call(name: str, cfg: Config, **kwargs: Any) -> Any:
+    """``name`` is one of prepare / train / evaluate; the flow gets ``cfg`` itself (validated once, here)."""
     if use_prefect():
         from flows.prefect_flows import FLOWS
 
-        return FLOWS[name](overrides=cfg.to_dict(), **kwargs)
+        return FLOWS[name](config=cfg, **kwargs)
     return getattr(entry, f"{name}_entry")(cfg, **kwargs)

@@ -28,8 +28,8 @@ from typing import Any
 
 from diffenc_core import data, distributed, runs, runstart, trainer
 from diffenc_core.config import Config, dump
-from diffenc_core.errors import DiffencError, JobError
-from diffenc_core.interrupt import SIGNAL_EXIT_BASE, STOP_SIGNALS, Interrupted
+from diffenc_core.errors import SIGNAL_EXIT_BASE, DiffencError, JobError, signal_exit
+from diffenc_core.interrupt import STOP_SIGNALS, Interrupted
 
 FOLLOW_S = 0.5  # how often the events file is read for the caller's on_log / on_validate
 EVENTS_ENV = "DIFFENC_EVENTS"  # rank 0 appends each history row here (JSON lines)
@@ -38,7 +38,7 @@ SHUTDOWN_TIMEOUT_S = 60
 """After SIGTERM, the ranks get this long to finish their step and checkpoint before the agent kills them."""
 AGENT_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 AGENT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # the agent's own handlers, put back afterwards
-INTERRUPT_EXITS = frozenset(SIGNAL_EXIT_BASE + s for s in STOP_SIGNALS)
+INTERRUPT_EXITS = frozenset(signal_exit(s) for s in STOP_SIGNALS)
 VAL_PREFIX = "val_"
 log = logging.getLogger(__name__)  # the history columns a validation adds: what on_validate gets
 

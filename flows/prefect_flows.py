@@ -10,11 +10,13 @@ Thin on purpose: each task calls the one implementation in :mod:`flows.entry` an
   logs, and nothing is written;
 - retries tasks only on transient errors (I/O, a locked database), never on a user mistake
   (``DiffencError``: bad config, bad data, divergence);
-- reports training progress in the flow-run logs;
+- reports training progress in the flow-run logs, with the library's own log lines
+  (:func:`library_logs`);
 - publishes a markdown artifact with the final metrics and the run directory.
 
-``FLOWS[name](overrides=cfg.to_dict(), **kwargs)`` is how :mod:`flows.dispatch` runs the CLI's
-``prepare`` / ``train`` / ``evaluate`` as flow runs when ``PREFECT_API_URL`` is set.
+``FLOWS[name](config=cfg, **kwargs)`` is how :mod:`flows.dispatch` runs the CLI's ``prepare`` /
+``train`` / ``evaluate`` as flow runs when ``PREFECT_API_URL`` is set: a ``Config`` validated in this
+process is passed as it is (``config``), never turned into a dict and validated again.
 
 Fan-out (``beta_sweep``, ``tune(fan_out=N)``) creates one flow run per β / tuning worker from a
 *deployment* (``run_deployment``), so each runs in its own process on whichever ``diffenc serve``
@@ -28,9 +30,11 @@ from flows import prefect_env
 
 prefect_env.apply_defaults()
 
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
@@ -38,7 +42,6 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.exceptions import MissingContextError  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
 
 from diffenc_core import config as config_mod  # noqa: E402  (light: pydantic + yaml)
 from diffenc_core.config import Config  # noqa: E402
@@ -58,40 +61,13 @@ PARAMS_SUFFIXES = (".yaml", ".yml")
 
 
 # ------------------------------------------------------------------------------ configuration
-def _section(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
-    """The sub-model of ``model.key`` if that field is a config section (merged key by key)."""
-    field = model.model_fields.get(key) if model is not None else None
-    ann = field.annotation if field is not None else None
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
-def _merge(model: type[BaseModel] | None, old: Any, new: Any) -> Any:
-    """Merge ``new`` into ``old`` section by section; anything else (values, lists, the
-    ``tune.space`` mapping) is replaced whole."""
-    if model is None or not isinstance(old, dict) or not isinstance(new, dict):
-        return new
-    out = dict(old)
-    for key, value in new.items():
-        out[key] = _merge(_section(model, key), old.get(key), value)
-    return out
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"parameters: bad key {key!r} (expected e.g. 'train.beta')")
-    node: Any = value
-    for part in reversed(parts):
-        node = {part: node}
-    return node
-
-
 def resolve_config(
     overrides: dict[str, Any] | None = None,
     params_file: str | None = None,
     sets: list[str] | None = None,
 ) -> Config:
-    """``params_file`` + ``sets`` (the served defaults), then ``overrides``; validated.
+    """``params_file`` + ``sets`` (the served defaults), then ``overrides`` (dotted keys or nested
+    sections, merged section by section: :func:`diffenc_core.config.set_dotted`); validated once.
 
     Raises ConfigError naming the bad key or value; reads nothing but ``params_file``.
     """
@@ -99,11 +75,8 @@ def resolve_config(
         raise ConfigError(f"parameters: 'overrides' must be a mapping, got {type(overrides).__name__}")
     if params_file is not None and Path(params_file).suffix.lower() not in PARAMS_SUFFIXES:
         raise ConfigError(f"parameters: params_file: {params_file} is not a YAML params file (.yaml or .yml)")
-    base = config_mod.load(params_file, sets or []) if (params_file or sets) else Config()
-    tree: Any = base.to_dict()
-    for key, value in (overrides or {}).items():
-        tree = _merge(Config, tree, _nest(str(key), value))
-    return config_mod.from_dict(tree, source="parameters")
+    return config_mod.resolve(params_file, ("--set {key}", config_mod.parse_overrides(sets)),
+                              ("parameters", overrides or {}))
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -111,16 +84,29 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("diffenc.flows")
+        return logging.getLogger(__name__)
 
 
-def _config(overrides: dict[str, Any] | None, params_file: str | None, sets: list[str] | None) -> Config:
-    """Validate the parameters first thing in a flow: a bad one fails the run, writing nothing."""
+def _config(overrides: dict[str, Any] | None, params_file: str | None, sets: list[str] | None,
+            config: Config | None = None, extra: dict[str, Any] | None = None) -> Config:
+    """Validate the parameters first thing in a flow: a bad one fails the run, writing nothing.
+
+    ``config``: a configuration validated by the caller in this process (the CLI, a parent flow), used as
+    it is; a deployment's parameters come as ``overrides`` on the served ``params_file`` and ``sets``.
+    ``extra``: dotted keys a flow parameter of its own sets (``nproc``).
+    """
     log = _logger()
     try:
-        cfg = resolve_config(overrides, params_file, sets)
+        if config is not None:
+            if overrides or params_file or sets:
+                raise ConfigError("parameters: give 'config' alone, or 'overrides' (with params_file/sets)")
+            cfg = config_mod.with_overrides(config, extra) if extra else config
+        else:
+            if extra and (overrides is None or isinstance(overrides, dict)):
+                overrides = {**(overrides or {}), **extra}
+            cfg = resolve_config(overrides, params_file, sets)
     except ConfigError as err:
-        log.error("invalid parameters, nothing was run:\n%s", err)
+        log.error("invalid parameters, nothing was run: %s", err)
         raise
     log.info(
         "configuration: dataset=%s method=%s run=%s beta=%g steps=%d runs_dir=%s",
@@ -128,6 +114,52 @@ def _config(overrides: dict[str, Any] | None, params_file: str | None, sets: lis
         cfg.train.runs_dir,
     )
     return cfg
+
+
+LIBRARY_LOGGERS = ("diffenc_core", "flows")
+"""Loggers whose INFO records (``resuming vae from step 20``, ``replacing runs/vae …``) belong in the run's logs."""
+
+
+class _RunIds(logging.Filter):
+    """Stamps a record with the task run it belongs to, so Prefect's API handler can file it from any thread."""
+
+    def __init__(self, flow_run_id: Any, task_run_id: Any):
+        super().__init__()
+        self.ids = {"flow_run_id": flow_run_id, "task_run_id": task_run_id}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.ids.items():
+            if getattr(record, key, None) is None:
+                setattr(record, key, value)
+        return True
+
+
+@contextlib.contextmanager
+def library_logs() -> Iterator[None]:
+    """While a task runs, the records of :data:`LIBRARY_LOGGERS` from INFO up go to its flow-run log too
+    (as ``PREFECT_LOGGING_EXTRA_LOGGERS`` would, when set before Prefect is imported)."""
+    from prefect.context import TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    ctx = TaskRunContext.get()
+    handler = APILogHandler()
+    if ctx is not None:
+        handler.addFilter(_RunIds(ctx.task_run.flow_run_id, ctx.task_run.id))
+    changed: list[tuple[logging.Logger, int]] = []
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if any(isinstance(h, APILogHandler) for h in logger.handlers):
+            continue  # extra loggers of Prefect's own configuration: already sent
+        logger.addHandler(handler)
+        changed.append((logger, logger.level))
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in changed:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------- retrying
@@ -229,7 +261,8 @@ def prepare_task(cfg: Config) -> Path:
     from diffenc_core import data
     from flows import entry
 
-    out = entry.prepare_entry(cfg)
+    with library_logs():
+        out = entry.prepare_entry(cfg)
     manifest = data.read_manifest(out)
     _logger().info("prepared %s: %s", out, manifest.get("sizes"))
     return out
@@ -264,15 +297,17 @@ def train_task(cfg: Config, resume: bool = True, progress: bool = False, live_di
         info = " ".join(f"{k}={row[k]:.4g}" for k in shown if k in row)
         log.info("%s step %d/%d (%.0f%%) %s", name, step, total, 100 * step / total, info)
 
-    return entry.train_entry(cfg, resume=resume, overwrite=overwrite, progress=progress, on_log=on_log,
-                             live_dir=live_dir, say=log.info, stop_signals=True)
+    with library_logs():
+        return entry.train_entry(cfg, resume=resume, overwrite=overwrite, progress=progress, on_log=on_log,
+                                 live_dir=live_dir, stop_signals=True)
 
 
 @task(name="evaluate-run", **TASK_OPTIONS)
 def evaluate_task(cfg: Config, run_dir: str | Path | None = None) -> dict[str, Any]:
     from flows import entry
 
-    metrics = entry.evaluate_entry(cfg, run_dir)
+    with library_logs():
+        metrics = entry.evaluate_entry(cfg, run_dir)
     _logger().info("evaluated %s: neg_elbo_nats=%s mse_refined=%s", run_dir or cfg.train.run_name,
                    metrics.get("neg_elbo_nats"), metrics.get("mse_refined"))
     return metrics
@@ -283,7 +318,8 @@ def tune_task(cfg: Config, study: str | None, storage: str | None, n_trials: int
               workers: int | None) -> Any:
     from flows.tuning import run_study  # written alongside; imported only when a study runs
 
-    return run_study(cfg, study=study, storage=storage, n_trials=n_trials, workers=workers)
+    with library_logs():
+        return run_study(cfg, study=study, storage=storage, n_trials=n_trials, workers=workers)
 
 
 @task(name="launch-deployment")
@@ -310,8 +346,8 @@ def _ensure_data(cfg: Config) -> None:
 # ------------------------------------------------------------------------------------- flows
 @flow(name="diffenc-prepare", description="Prepare a dataset into data/prepared/<name>/.")
 def prepare(overrides: dict[str, Any] | None = None, params_file: str | None = None,
-            sets: list[str] | None = None) -> Path:
-    cfg = _config(overrides, params_file, sets)
+            sets: list[str] | None = None, config: Config | None = None) -> Path:
+    cfg = _config(overrides, params_file, sets, config)
     out = prepare_task(cfg)
     from diffenc_core import data
 
@@ -327,16 +363,15 @@ def prepare(overrides: dict[str, Any] | None = None, params_file: str | None = N
       "Re-running it continues a killed run from its last checkpoint; overwrite=true replaces a run.")
 def train(overrides: dict[str, Any] | None = None, resume: bool = True, progress: bool = False,
           params_file: str | None = None, sets: list[str] | None = None, live_dir: str | None = None,
-          overwrite: bool = False, nproc: int | None = None) -> Path:
+          overwrite: bool = False, nproc: int | None = None, config: Config | None = None) -> Path:
     """Like ``diffenc train``: ``resume=True`` (the default) continues the run from
     ``checkpoints/last.pt`` (the budget may grow; other changed settings are refused, naming them)
     or starts it when there is none; ``resume=False`` starts a new run and refuses a folder that
     holds one; ``overwrite=True`` replaces the run (``resume`` is then ignored). ``live_dir`` must
     lie inside ``train.runs_dir``. ``nproc`` (``train.nproc``): data-parallel processes on the
-    machine that runs the flow (torch.distributed)."""
-    if nproc is not None:
-        overrides = {**(overrides or {}), "train.nproc": nproc}
-    cfg = _config(overrides, params_file, sets)
+    machine that runs the flow (torch.distributed). ``config``: a validated configuration instead of
+    ``overrides`` (callers in this process: the CLI, the pipeline)."""
+    cfg = _config(overrides, params_file, sets, config, {"train.nproc": nproc} if nproc is not None else None)
     if overwrite:
         resume = False
     if live_dir is not None:
@@ -353,9 +388,10 @@ def train(overrides: dict[str, Any] | None = None, resume: bool = True, progress
 
 @flow(name="diffenc-evaluate", description="Evaluate a trained run: metrics.json, Parquet tables, plots.")
 def evaluate(overrides: dict[str, Any] | None = None, run_dir: Path | None = None,
-             params_file: str | None = None, sets: list[str] | None = None) -> dict[str, Any]:
+             params_file: str | None = None, sets: list[str] | None = None,
+             config: Config | None = None) -> dict[str, Any]:
     """``run_dir`` defaults to ``<train.runs_dir>/<train.run>`` and must lie inside ``train.runs_dir``."""
-    cfg = _config(overrides, params_file, sets)
+    cfg = _config(overrides, params_file, sets, config)
     from diffenc_core import runs
 
     if run_dir is not None:
@@ -389,14 +425,15 @@ def _study_summary(result: Any) -> dict[str, Any]:
 def tune(overrides: dict[str, Any] | None = None, study: str | None = None, storage: str | None = None,
          n_trials: int | None = None, workers: int | None = None, fan_out: int = 1,
          deployment: str = f"diffenc-tune/{DEPLOYMENT}",
-         params_file: str | None = None, sets: list[str] | None = None) -> dict[str, Any]:
-    """Given only ``study`` (no ``overrides``) and the study exists, it continues with the settings
-    it stored (configuration, search space, objective, target), like ``diffenc tune resume``."""
-    cfg = _config(overrides, params_file, sets)
+         params_file: str | None = None, sets: list[str] | None = None,
+         config: Config | None = None) -> dict[str, Any]:
+    """Given only ``study`` (no ``overrides`` or ``config``) and the study exists, it continues with the
+    settings it stored (configuration, search space, objective, target), like ``diffenc tune resume``."""
+    cfg = _config(overrides, params_file, sets, config)
     if fan_out < 1:
         raise ConfigError(f"parameters: fan_out must be >= 1 (got {fan_out})")
     name = study or cfg.tune.study
-    if not overrides:
+    if not overrides and config is None:
         from flows.tuning import stored_study
 
         settings = stored_study(cfg, study, storage)
@@ -437,18 +474,21 @@ def _absolute_paths(cfg: Config) -> Config:
 def _method_cfg(cfg: Config, method: str, several: bool) -> Config:
     run = cfg.train.run
     name = (f"{run}-{method}" if several else run) if run else method
+    if (method, name) == (cfg.train.method, cfg.train.run):
+        return cfg
     return config_mod.with_overrides(cfg, {"train.method": method, "train.run": name})
 
 
 @flow(name="diffenc-pipeline", description="prepare → train → evaluate, for each method (side by side).")
 def pipeline(overrides: dict[str, Any] | None = None, methods: list[Method] | None = None,
              resume: bool = True, params_file: str | None = None,
-             sets: list[str] | None = None, overwrite: bool = False) -> dict[str, dict[str, Any]]:
+             sets: list[str] | None = None, overwrite: bool = False,
+             config: Config | None = None) -> dict[str, dict[str, Any]]:
     """``methods`` defaults to ``[train.method]``; with several, runs are named ``<run>-<method>``,
     and without ``train.run`` simply ``<method>``. Each run is resumed (``resume=True``, the
     default: a finished run with the same settings is only re-evaluated, other settings are
     refused), started new (``resume=False``: refused if it exists) or replaced (``overwrite``)."""
-    cfg = _config(overrides, params_file, sets)
+    cfg = _config(overrides, params_file, sets, config)
     methods = list(dict.fromkeys(methods or [cfg.train.method]))
     per_method = {m: _method_cfg(cfg, m, len(methods) > 1) for m in methods}  # validated up front
     from diffenc_core import runstart
@@ -459,8 +499,8 @@ def pipeline(overrides: dict[str, Any] | None = None, methods: list[Method] | No
     results: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for method, mcfg in per_method.items():
-        run_dirs[method] = train(overrides=mcfg.to_dict(), resume=resume, overwrite=overwrite)
-        results[mcfg.train.run_name] = evaluate(overrides=mcfg.to_dict(), run_dir=str(run_dirs[method]))
+        run_dirs[method] = train(config=mcfg, resume=resume, overwrite=overwrite)
+        results[mcfg.train.run_name] = evaluate(config=mcfg, run_dir=str(run_dirs[method]))
     publish("pipeline", "-".join(r.name for r in map(Path, run_dirs.values())),
             "Pipeline: " + ", ".join(methods), results, {f"{m} run": d for m, d in run_dirs.items()})
     return results
@@ -472,14 +512,14 @@ def beta_sweep(overrides: dict[str, Any] | None = None, betas: list[float] | Non
                method: Method | None = None, via: Literal["deployment", "inline"] = "deployment",
                deployment: str = f"diffenc-pipeline/{DEPLOYMENT}", resume: bool = True,
                params_file: str | None = None, sets: list[str] | None = None,
-               overwrite: bool = False) -> dict[str, dict[str, Any]]:
+               overwrite: bool = False, config: Config | None = None) -> dict[str, dict[str, Any]]:
     """``via="deployment"`` runs each β as its own flow run of ``deployment`` (in parallel, on any
     process serving it: several ``diffenc serve`` processes or ``prefect worker start`` on a work
     pool); ``via="inline"`` runs them one after another in this process (no deployment needed).
     Runs are named ``<run or method>-beta<β>`` and resumed, started or replaced as ``resume`` /
     ``overwrite`` say (as for the pipeline); results are read back from their run directories,
     so every worker must see the same ``train.runs_dir`` (shared disk)."""
-    cfg = _config(overrides, params_file, sets)
+    cfg = _config(overrides, params_file, sets, config)
     if via == "deployment":
         cfg = _absolute_paths(cfg)
     betas = list(dict.fromkeys(betas or [0.25, 1.0, 4.0]))
@@ -501,7 +541,7 @@ def beta_sweep(overrides: dict[str, Any] | None = None, betas: list[float] | Non
                 failed.append(f"β={b:g} ({child['name']}: {child['state']} {child['message'] or ''})")
     else:
         for c in sweep.values():
-            pipeline(overrides=c.to_dict(), methods=[method], resume=resume, overwrite=overwrite)
+            pipeline(config=c, methods=[method], resume=resume, overwrite=overwrite)
     from diffenc_core import runs
 
     columns: dict[str, dict[str, Any]] = {}
@@ -525,4 +565,4 @@ FLOWS = {
     "pipeline": pipeline,
     "beta_sweep": beta_sweep,
 }
-"""Every flow by CLI name; ``flows.dispatch`` calls ``FLOWS[name](overrides=cfg.to_dict(), **kwargs)``."""
+"""Every flow by CLI name; ``flows.dispatch`` calls ``FLOWS[name](config=cfg, **kwargs)``."""

@@ -15,7 +15,8 @@ lives in this package (``diffenc_core`` never imports optuna):
 - ``report``: tables, the resume line, export; ``run``: the commands; ``output``: the console.
 """
 
-from flows.tuning.pool import MAX_REPLACEMENTS, WORKER_DIED_EXIT, WorkerDied
+from diffenc_core.errors import WORKER_DIED_EXIT
+from flows.tuning.pool import MAX_REPLACEMENTS, WorkerDied
 from flows.tuning.report import show_study, summarize
 from flows.tuning.run import resume_study, run_study, stored_study
 from flows.tuning.space import MANAGED_KEYS, OBJECTIVES, check_space, study_name

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rich.markup import escape
 
 from diffenc_core import config as config_mod
-from diffenc_core.errors import DiffencError
+from diffenc_core.errors import USER_ERROR_EXIT, DiffencError, signal_exit
 from flows.tuning.output import say
-from flows.tuning.pool import WORKER_ERROR_EXIT
 from flows.tuning.worker import work
-
-INTERRUPTED_EXIT = 130  # the shell's status for a process stopped by SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         work(cfg, args.study, args.storage, args.n_trials, args.index, ignore, parent=args.parent)
     except DiffencError as err:
         say(f"[bold red]error:[/] worker {args.index}: {escape(str(err))}", stderr=True)
-        return WORKER_ERROR_EXIT
+        return USER_ERROR_EXIT  # its message is on stderr; the pool does not replace it
     except KeyboardInterrupt:
-        return INTERRUPTED_EXIT
+        return signal_exit(signal.SIGINT)
     return 0
 
 

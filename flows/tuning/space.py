@@ -18,8 +18,7 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
     "distortion": ("val_distortion",),
     "rate_distortion": ("val_rate", "val_distortion"),
 }
-# config keys each trial sets itself; a search space may not touch them
-MANAGED_KEYS = ("train.run", "train.runs_dir", "train.steps", "train.val_every")
+MANAGED_KEYS = config_mod.TRIAL_KEYS  # config keys each trial sets itself; a search space may not touch them
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -76,7 +75,7 @@ def check_space(cfg: Config) -> None:
             try:
                 config_mod.with_overrides(cfg, {key: value})
             except ConfigError as err:
-                detail = str(err).replace("config: ", "")
+                detail = str(err).removeprefix(f"--set {key}: ")
                 raise ConfigError(
                     f"{where}: value {value!r} of this {dim.type} dimension is not valid here: {detail}"
                 ) from None

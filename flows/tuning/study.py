@@ -3,7 +3,8 @@ it was started with (target, search space, objective, the full resolved configur
 study user attributes, so that ``diffenc tune resume`` and ``tune show --export`` need nothing else.
 
 A study is one experiment: once it has trials, starting it again with other settings is refused,
-naming the changed keys; only keys that do not change what a trial trains may differ (FREE_KEYS).
+naming the changed keys; only keys that do not change what a trial trains may differ
+(:data:`diffenc_core.config.STUDY_FREE`).
 """
 
 from __future__ import annotations
@@ -30,17 +31,6 @@ ATTR_TARGET = "n_trials"  # the target number of finished trials, updated when e
 ATTR_SPACE = "space"  # the search space sampled: {dotted key: dimension}
 ATTR_CONFIG = "config"  # the full resolved configuration the trials start from
 
-FREE_KEYS = frozenset({
-    "train.run", "train.runs_dir", "train.steps", "train.val_every",  # set per trial, or where runs go
-    "train.threads", "train.device", "train.nproc", "train.dist_timeout_s",  # compute
-    "train.checkpoint_every", "train.log_every",  # bookkeeping
-    "data.root",  # where prepared data lives
-    "tune.study", "tune.storage", "tune.n_trials", "tune.workers",  # how this start runs it
-    "tune.heartbeat_interval", "tune.grace_period", "tune.max_retry",
-})
-"""Keys that may differ between two starts of one study: they do not change what a trial trains."""
-FREE_PREFIXES = ("eval.",)  # evaluation settings: no trial reads them
-SPACE_KEY = "tune.space"  # compared dimension by dimension
 MAX_SHOWN_CHANGES = 5  # changed keys named in one error line
 
 
@@ -142,30 +132,12 @@ def check_same_settings(study: optuna.Study, cfg: Config, url: str) -> None:
         )
 
 
-
 def changes(old: Config, new: Config) -> list[str]:
-    """``key: old → new`` for every key (outside FREE_KEYS) whose value differs."""
-    a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if key in FREE_KEYS or key.startswith(FREE_PREFIXES) or a.get(key) == b.get(key):
-            continue
-        out.append(f"{key}: {_show(a.get(key))} → {_show(b.get(key))}")
-    return out
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys to leaf values; each search-space dimension is one leaf ``tune.space['key']``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        full = f"{prefix}{key}"
-        if full == SPACE_KEY and isinstance(value, dict):
-            out |= {f"{SPACE_KEY}['{k}']": v for k, v in value.items()}
-        elif isinstance(value, dict):
-            out |= flatten(value, full + ".")
-        else:
-            out[full] = value
-    return out
+    """``key: old → new`` for every key (outside STUDY_FREE) whose value differs; each search-space
+    dimension is one key, ``tune.space['em.step_size']``."""
+    a, b = config_mod.flatten(old.to_dict()), config_mod.flatten(new.to_dict())
+    return [f"{key}: {_show(a.get(key))} → {_show(b.get(key))}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and not config_mod.is_free(key, config_mod.STUDY_FREE)]
 
 
 def _show(value: Any) -> str:

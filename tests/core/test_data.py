@@ -140,6 +140,9 @@ def test_user_npz_parquet_npy_png(tmp_path):
         (lambda p: np.save(p / "f.npy", np.ones((3, 3))), "at least 10 are needed"),
         (lambda p: np.save(p / "f.npy", np.array(["a"] * 20)), "expected numeric data"),
         (lambda p: (p / "f.npy").write_bytes(b"not numpy"), "not a readable NumPy file"),
+        # an object array is a pickle: refused without numpy's advice to unpickle it
+        (lambda p: np.save(p / "f.npy", np.array([{"a": 1}] * 20, dtype=object), allow_pickle=True),
+         "pickled objects are never loaded"),
         (lambda p: (p / "f.parquet").write_bytes(b"garbage"), "not a readable Parquet file"),
         (lambda p: pd.DataFrame({"a": ["x"] * 20}).to_parquet(p / "f.parquet"), "non-numeric"),
         (lambda p: (p / "f.csv").write_text("1,2\n"), "unsupported file type"),

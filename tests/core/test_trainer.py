@@ -133,7 +133,7 @@ def test_overwrite_removes_every_file_of_the_old_run(prepared, tmp_path):
         (run.path / name).parent.mkdir(parents=True, exist_ok=True)
         (run.path / name).write_text("old")
     plan = runstart.plan(cfg, "overwrite")
-    assert plan.clear and not plan.resume and plan.message.startswith("replacing")
+    assert plan.clear and not plan.resume and not plan.message and plan.cleared.startswith("replacing")
     trainer.train(cfg, plan, progress=False)
     left = set(checksums(run.path))
     assert left == {"status.json", "params.yaml", "history.parquet", "checkpoints/last.pt", "checkpoints/best.pt"}

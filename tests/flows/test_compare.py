@@ -113,3 +113,23 @@ def test_cli_compare(runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     res = runner.invoke(app, ["compare", "--runs-dir", str(tmp_path / "empty")])
     assert res.exit_code == 2
     assert "error:" in res.output and "no evaluated runs" in res.output and "Traceback" not in res.output
+
+
+def test_compare_says_when_metrics_are_older_than_the_checkpoint(runs_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 #7: a run that trained further after its evaluation was compared with stale metrics, no note."""
+    import os
+
+    for name, shift in (("vae", -1), ("diffusion", 1)):  # vae: evaluated a second before its last checkpoint
+        last = runs_dir / name / runs.CHECKPOINTS / "last.pt"
+        last.write_bytes(b"a checkpoint")
+        evaluated = last.stat().st_mtime_ns + shift * 10**9
+        os.utime(runs_dir / name / runs.METRICS, ns=(evaluated, evaluated))
+    monkeypatch.chdir(tmp_path)
+    for args in (["--runs-dir", str(runs_dir)], ["--run", str(runs_dir / "vae"), "--run", str(runs_dir / "diffusion")]):
+        res = CliRunner().invoke(app, ["compare", *args, "--out", "cmp"])
+        assert res.exit_code == 0, res.output
+        notes = [line for line in res.stdout.splitlines() if "stale" in line]
+        assert notes == [f"{runs_dir / 'vae'}: metrics.json is older than checkpoints/last.pt (trained further "
+                         f"since its evaluation); its metrics are stale: run `diffenc evaluate --run "
+                         f"{runs_dir / 'vae'}`"], res.stdout

@@ -261,6 +261,35 @@ def test_parameters_merge_dotted_and_nested_keys():
         pf.resolve_config({"train": {"beta": -1}})
 
 
+def test_a_validated_config_reaches_the_flows_as_it_is(tmp_path, monkeypatch):
+    """Issue 18 #5: dispatch and the pipeline turned a Config into a dict and validated it again; now the
+    object itself is passed on, and only a deployment's ``overrides`` are resolved."""
+    from diffenc_core import config
+    from flows import dispatch
+
+    cfg = config.load(None, tiny("train.run=r", f"train.runs_dir={tmp_path}", f"data.root={tmp_path / 'data'}"))
+    got: dict = {}
+    monkeypatch.setattr(dispatch, "use_prefect", lambda: True)
+    monkeypatch.setitem(pf.FLOWS, "train", lambda **kwargs: got.update(kwargs))
+    dispatch.call("train", cfg, resume=True)
+    assert got["config"] is cfg and "overrides" not in got
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(config.Config, "model_validate", no_validation)
+    assert pf._config(None, None, None, cfg) is cfg
+    seen: list = []
+    monkeypatch.setattr(pf, "_ensure_data", lambda c: None)
+    monkeypatch.setattr(pf, "publish", lambda *a, **k: "")
+    monkeypatch.setattr(pf, "train", lambda config, **kw: seen.append(("train", config)) or tmp_path / "r")
+    monkeypatch.setattr(pf, "evaluate", lambda config, **kw: seen.append(("evaluate", config)) or {})
+    pf.pipeline.fn(config=cfg)
+    assert seen == [("train", cfg), ("evaluate", cfg)]  # one method, its run named as given: the same object
+    with pytest.raises(ConfigError, match="give 'config' alone"):
+        pf._config({"train.beta": 2}, None, None, cfg)
+
+
 def test_only_transient_errors_are_retried():
     assert pf.is_transient(OSError("disk")) and pf.is_transient(ConnectionError())
     assert not pf.is_transient(ConfigError("bad")) and not pf.is_transient(ValueError("bug"))
@@ -458,6 +487,8 @@ def api(prefect, monkeypatch):
 
 def test_cli_dispatch_runs_the_flows(api):
     """With PREFECT_API_URL set the CLI's entry points run as flow runs (flows.dispatch)."""
+    from prefect.logging.handlers import APILogWorker
+
     from diffenc_core.config import load
     from flows import dispatch
 
@@ -465,8 +496,12 @@ def test_cli_dispatch_runs_the_flows(api):
     cfg = load(None, tiny("train.run=cli", f"data.root={api.data}", f"train.runs_dir={api.runs}"))
     assert dispatch.use_prefect()
     assert dispatch.call("prepare", cfg) == api.data / "digits"
-    run_dir = dispatch.call("train", cfg, resume=False, progress=False)
+    run_dir = dispatch.call("train", cfg, resume=True, progress=False)
     assert run_dir == api.runs / "cli"
+    APILogWorker.drain_all(timeout=10)
+    fr = next(r for r in api.flow_runs("diffenc-train") if r["name"] and r["state_type"] == "COMPLETED"
+              and "has no run to resume" in api.logs(r["id"]))  # the library's own line, in the flow-run log
+    assert fr
     metrics = dispatch.call("evaluate", cfg, run_dir=run_dir)
     assert metrics["method"] == "diffusion" and math.isfinite(metrics["neg_elbo_nats"])
     for name in ("diffenc-prepare", "diffenc-train", "diffenc-evaluate"):
