@@ -186,7 +186,7 @@ class TrainConfig(_Section):
     steps: int = Field(2000, ge=1)
     time_budget_s: float = Field(0.0, ge=0.0)
     batch_size: int = Field(128, ge=1)
-    lr_encoder: float = Field(1e-3, gt=0.0)
+    lr_encoder: float = Field(2e-3, gt=0.0)
     lr_decoder: float = Field(1e-3, gt=0.0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_final_ratio: float = Field(0.05, gt=0.0, le=1.0)
@@ -229,15 +229,18 @@ class EMConfig(_Section):
     """The alternating E-step / encoder / M-step schedule (docs/method.md §3)."""
 
     e_step: Literal["mala", "ula", "smc"] = "mala"
-    langevin_steps: int = Field(10, ge=0)
+    # MALA steps per E-step on persistent chains: an example's chain goes on at every visit (§3.1)
+    langevin_steps: int = Field(5, ge=0)
     step_size: float = Field(0.01, gt=0.0)
     step_size_max: float = Field(1.0, gt=0.0)
     target_accept: float = Field(0.574, gt=0.0, lt=1.0)
     adapt_rate: float = Field(0.1, ge=0.0)
     alignment: float = Field(0.0, ge=0.0)
     persistent: bool = True
-    init_sampler_steps: int = Field(10, ge=1)
-    encoder_updates: int = Field(8, ge=1)
+    # ancestral steps of the encoder sample that starts a chain (and of the M-step's encoder samples)
+    init_sampler_steps: int = Field(2, ge=1)
+    # encoder updates per E-step (§3.2); one keeps an EM step a few VAE steps (docs/method.md §9)
+    encoder_updates: int = Field(1, ge=1)
     # encoder updates after the first train on (x, z*) pairs drawn from every example's persistent
     # chain (each chain's latest E-step sample), not the same mini-batch again
     replay_chains: bool = True
