@@ -34,21 +34,24 @@ def update(loss: Tensor, *optimizers: torch.optim.Optimizer, clip: float = 0.0) 
     return loss.detach()
 
 
-def lr_scale(cfg: Config, step: int, elapsed_s: float = 0.0, start: int = 0, end: int | None = None) -> float:
+def lr_scale(cfg: Config, step: int, elapsed_s: float = 0.0, start: int = 0, end: int | None = None,
+             phase_start_s: float = 0.0) -> float:
     """Learning-rate multiplier: cosine from 1 to ``lr_final_ratio`` over ``[start, end)``, or constant.
 
     ``[start, end)`` is the phase ``step`` is in (a diffusion run restarts the schedule when its
-    VAE phase ends); ``end`` defaults to the run's last step. The last phase also ends early when
-    the time budget does. Without a time budget it is a pure function of the step, so a resumed
-    run gets exactly the same rates.
+    VAE phase ends); ``end`` defaults to the run's last step. The last phase also follows the time
+    budget: its share of the time left when it began (``phase_start_s`` of ``elapsed_s``) counts as
+    progress. Without a time budget it is a pure function of the step, so a resumed run gets exactly
+    the same rates.
     """
     if cfg.train.lr_schedule == "constant":
         return 1.0
     total = cfg.total_steps
     end = total if end is None else end
     progress = (step - start) / max(1, end - start)
-    if cfg.train.time_budget_s and end == total:
-        progress = max(progress, elapsed_s / cfg.train.time_budget_s)
+    budget = cfg.train.time_budget_s
+    if budget and end == total:
+        progress = max(progress, (elapsed_s - phase_start_s) / max(budget - phase_start_s, 1e-9))
     progress = min(progress, 1.0)
     floor = cfg.train.lr_final_ratio
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -166,13 +166,16 @@ def _loop(cfg: Config, s: _Start, world: distributed.World, progress: bool, on_l
           on_validate: Callback | None, stop_requested: StopHook) -> runs.Run:
     """The steps of one run, from ``s.step`` to ``cfg.total_steps`` (or the time budget, or a stop)."""
     method, run, total, tc = s.method, s.run, cfg.total_steps, cfg.train
-    ckpt = _Checkpoints(run, cfg, method, world, s.best, s.step)
+    ckpt = _Checkpoints(run, cfg, method, world, s.best, s.step, s.phase_start_s)
     step, elapsed, stop, reason = s.step, s.elapsed, 0, ""
     try:
         while step < total and not (tc.time_budget_s and elapsed >= tc.time_budget_s):
             t0 = time.perf_counter()
             idx = world.share(batch_indices(tc.seed, step, s.n_train, tc.batch_size).to(s.device))
-            optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, elapsed, *method.phase_bounds(step, total)))
+            start, end = method.phase_bounds(step, total)
+            if step == start:
+                ckpt.phase_start_s = elapsed  # the time budget's share of the last phase counts from here
+            optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, elapsed, start, end, ckpt.phase_start_s))
             stats = method.train_step(step, idx, s.examples(idx))
             step += 1
             stop, reason = _stop_code(stop_requested())
@@ -283,6 +286,7 @@ class _Checkpoints:
     world: distributed.World
     best: float
     saved_step: int
+    phase_start_s: float = 0.0  # training seconds when the current phase began
 
     def save(self, step: int, elapsed: float, val: dict[str, float] | None) -> None:
         rngs = self.world.objects(checkpoint.rng_state())  # a collective: every rank takes part
@@ -295,6 +299,7 @@ class _Checkpoints:
         if improved:
             self.best = val["val_neg_elbo"]
         payload = {"method": self.method.name, "step": step, "elapsed_s": elapsed, "best": self.best,
+                   "phase_start_s": self.phase_start_s,
                    "rng": rngs[0], "processes": self.world.size, "config": self.cfg.to_dict(), **self.method.state()}
         if self.world.parallel:
             payload["rng_ranks"] = rngs
@@ -318,6 +323,7 @@ class _Start:
     step: int = 0
     elapsed: float = 0.0
     best: float = math.inf
+    phase_start_s: float = 0.0
 
 
 def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distributed.World, val_size: int) -> _Start:
@@ -332,7 +338,7 @@ def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distribute
     if not plan.resume and cfg.train.warm_start is not None and cfg.train.method == "diffusion":
         warm = world.from_main(lambda: _warm_start_source(cfg))
     failure, manifest = None, {}
-    step, elapsed, best, rows = 0, 0.0, math.inf, []
+    step, elapsed, best, phase_start_s, rows = 0, 0.0, math.inf, 0.0, []
     try:
         split = data.load_split(cfg.data.prepared_dir, "train")
         manifest, n_train = split.manifest, len(split)
@@ -345,7 +351,7 @@ def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distribute
         torch.manual_seed(cfg.train.seed)  # the same initial model on every rank
         method = build_method(cfg, manifest).to(device)
         if blob is not None:
-            step, elapsed, best = _resume(method, blob, last, cfg, world)
+            step, elapsed, best, phase_start_s = _resume(method, blob, last, cfg, world)
             rows = _old_history(plan.run_dir, step) if world.is_main else []
         else:
             if warm is not None and isinstance(method, DiffusionEM):
@@ -368,7 +374,7 @@ def _setup(cfg: Config, start: runstart.Start | runstart.Plan, world: distribute
                        processes=world.size)
     validate = Validation(val_x.to(device)) if val_x is not None else (lambda _method: None)
     return _Start(run, method, examples, n_train, device, validate, _History(run, rows, world.is_main),
-                  step, elapsed, best)
+                  step, elapsed, best, phase_start_s)
 
 
 def _check_recipe(cfg: Config, manifest: dict[str, Any]) -> None:
@@ -382,8 +388,10 @@ def _check_recipe(cfg: Config, manifest: dict[str, Any]) -> None:
                         f"{', '.join('data.' + k for k in keys)} differ): run `diffenc prepare` with these settings")
 
 
-def _resume(method: Method, blob: bytes, last: Path, cfg: Config, world: distributed.World) -> tuple[int, float, float]:
-    """Load ``last.pt`` into ``method`` and the random streams; its step, training seconds and best -ELBO."""
+def _resume(method: Method, blob: bytes, last: Path, cfg: Config,
+            world: distributed.World) -> tuple[int, float, float, float]:
+    """Load ``last.pt`` into ``method`` and the random streams; its step, training seconds, best -ELBO and the
+    training seconds at which its phase began."""
     state = checkpoint.loads(blob, last, map_location=next(method.parameters()).device)
     if state.get("method") != method.name:
         raise CheckpointError(f"{last}: holds a '{state.get('method')}' run, not '{method.name}'")
@@ -397,7 +405,7 @@ def _resume(method: Method, blob: bytes, last: Path, cfg: Config, world: distrib
         checkpoint.set_rng_state(state["rng_ranks"][world.rank] if world.parallel else state["rng"])
     else:  # another number of processes (a documented change): fresh streams from (train.seed, step, rank)
         torch.manual_seed(distributed.rank_seed(cfg.train.seed, step, world.rank))
-    return step, float(state["elapsed_s"]), float(state["best"])
+    return step, float(state["elapsed_s"]), float(state["best"]), float(state.get("phase_start_s", 0.0))
 
 
 def _old_history(run_dir: Path, step: int) -> list[dict[str, Any]]:

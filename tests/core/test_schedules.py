@@ -154,3 +154,14 @@ def test_base_none_trains_em_from_scratch_and_rejects_what_needs_a_head():
     assert config.load(None, ["train.method=vae"]).total_steps == config.load(None, []).train.steps
     with pytest.raises(ConfigError, match="base 'none' has no Gaussian head, which em.m_step 'head'"):
         config.load(None, ["model.encoder.base=none", "em.m_step=head"])
+
+
+def test_a_time_budget_paces_the_last_phase_from_where_it_began():
+    """With a time budget the EM phase's cosine counts its share of the time left when it began, so it starts at
+    the top even when the VAE phase used half the budget."""
+    cfg = config.load(None, ["train.steps=1000000", "train.time_budget_s=100", "em.vae_steps=10"])
+    start, end = 10, cfg.total_steps
+    assert optim.lr_scale(cfg, 10, 50.0, start, end, phase_start_s=50.0) == 1.0
+    mid = optim.lr_scale(cfg, 11, 75.0, start, end, phase_start_s=50.0)
+    assert mid == pytest.approx(cfg.train.lr_final_ratio + (1 - cfg.train.lr_final_ratio) * 0.5)
+    assert optim.lr_scale(cfg, 12, 100.0, start, end, phase_start_s=50.0) == pytest.approx(cfg.train.lr_final_ratio)
