@@ -238,6 +238,13 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         if self.ema is not None:
             self.ema.load_state_dict(self.encoder.state_dict())
 
+    def vae_phase_state(self) -> dict[str, Any]:
+        """The head and decoder as a Gaussian VAE's model state (the baseline's keys: ``encoder.*``, ``decoder.*``)."""
+        assert self.encoder.head is not None
+        models = {f"encoder.{k}": v for k, v in self.encoder.head.state_dict().items()}
+        models.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        return {"models": models, "optimizers": {}}
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_encoder, self.opt_decoder) if o is not None]
 

@@ -46,6 +46,7 @@ StopHook = Callable[[], "int | str | None"]
 """Asked after every step: a signal number (stop, status 'interrupted'), a reason (stop, status
 'stopped'), or None (go on)."""
 REQUEST = 1  # the stop code of a front's request; a signal's code is its number (>= 2)
+VAE_PHASE = "vae_phase.pt"  # a diffusion run's VAE phase, as a VAE checkpoint
 
 
 class StopTraining(Exception):  # noqa: N818 - a way of ending, like StopIteration
@@ -178,6 +179,8 @@ def _loop(cfg: Config, s: _Start, world: distributed.World, progress: bool, on_l
             optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, elapsed, start, end, ckpt.phase_start_s))
             stats = method.train_step(step, idx, s.examples(idx))
             step += 1
+            if step == end < total:  # a diffusion run's VAE phase just ended
+                ckpt.save_vae_phase(step, elapsed + time.perf_counter() - t0)
             stop, reason = _stop_code(stop_requested())
             stop, elapsed = world.agree_step(stop, elapsed + time.perf_counter() - t0)
             val_due = step % tc.val_every == 0 or step == total
@@ -307,6 +310,17 @@ class _Checkpoints:
         self.run.set_status("running", checkpoint_step=step)  # how a start learns the step without unpickling
         if improved:
             checkpoint.save(self.run.checkpoint_dir / "best.pt", payload)
+
+    def save_vae_phase(self, step: int, elapsed: float) -> None:
+        """``checkpoints/vae_phase.pt``: the VAE a diffusion run's EM phase starts from (its head as the encoder),
+        a VAE checkpoint like any other (a ``train.warm_start`` source, what a control starts from)."""
+        if not self.world.is_main or not isinstance(self.method, DiffusionEM):
+            return
+        vae_cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"method": "vae",
+                                                                                         "steps": step})})
+        checkpoint.save(self.run.checkpoint_dir / VAE_PHASE, {
+            "method": "vae", "step": step, "elapsed_s": elapsed, "best": math.inf, "processes": 1,
+            "config": vae_cfg.to_dict(), **self.method.vae_phase_state()})
 
 
 @dataclass

@@ -43,10 +43,14 @@ def _vae(prepared, tmp_path, steps: int = 10) -> runs.Run:
 def test_the_vae_phase_is_the_vae_baseline_and_only_a_frozen_m_step_keeps_its_decoder(prepared, tmp_path, m_step):
     """Same seed: the diffusion run's 10-step VAE phase ends with exactly the 10-step VAE's decoder
     (bit for bit); EM with a frozen M-step keeps it, the other M-steps move it."""
-    vae = _decoder(_models(_vae(prepared, tmp_path)))
+    vae_models = _models(_vae(prepared, tmp_path))
+    vae = _decoder(vae_models)
     diff = trainer.train(_cfg(prepared, tmp_path, "train.run=diff", "train.steps=3", "em.vae_steps=10",
                               f"em.m_step={m_step}"), progress=False)
     assert diff.status()["steps"] == 13
+    phase = checkpoint.load(diff.checkpoint_dir / trainer.VAE_PHASE)
+    assert phase["method"] == "vae" and phase["step"] == 10 and phase["models"].keys() == vae_models.keys()
+    assert all(torch.equal(vae_models[k], phase["models"][k]) for k in vae_models), "vae_phase.pt is the VAE's"
     after = _decoder(_models(diff))
     same = all(torch.equal(vae[k], after[k]) for k in vae)
     assert same == (m_step == "frozen")
