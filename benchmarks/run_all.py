@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, table
+from benchmarks.load_report import section
 
 BENCHMARKS = ("headline", "fixed_decoder", "posterior_fidelity", "rate_distortion", "speed", "distributed")
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -376,6 +377,7 @@ def write_report(walls: dict[str, float | None] | None = None) -> Path:
                 profile = ("quick profile" if stem.endswith("_quick") else "full profile" if "profile" in res
                            else "an earlier run by an older version of the script")
                 lines += [f"## {title} — {profile}", "", _machine(res), "", *fn(res), ""]
+    lines += [*section(), ""]  # the load benchmarks (run on their own: python -m benchmarks.load_*)
     lines += ["## Notes and known gaps", "", *NOTES, ""]
     if walls:
         lines += ["## Last run_all", "", table([{"benchmark": k, "wall_s": v if v is not None else "FAILED"}

@@ -14,10 +14,12 @@ if str(_ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only das
     sys.path.insert(0, str(_ROOT))
 
 import streamlit as st  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from dashboard import common, index  # noqa: E402
+from dashboard import common, figures, index  # noqa: E402
 
-st.set_page_config(page_title="diffenc dashboard", page_icon=":material/blur_on:", layout="wide")
+# an image, not a ":material/…" icon, which the browser would fetch from Google's font CDN
+st.set_page_config(page_title="diffenc dashboard", page_icon=Image.fromarray(figures.icon()), layout="wide")
 
 PAGES = [
     st.Page("views/runs.py", title="Runs", icon=":material/table_rows:", default=True),

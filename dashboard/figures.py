@@ -12,8 +12,22 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-
 # ----------------------------------------------------------------------------------- images
+ICON_RGB = (31, 119, 180)  # the first colour of the runs' palette
+
+
+def icon(size: int = 32, cells: int = 8) -> np.ndarray:
+    """The page icon, a disc of dots shrinking outwards (RGBA), drawn here so that the browser loads
+    nothing from outside the server: a ``:material/…`` page icon is fetched from Google's font CDN."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cell = size / cells
+    cy, cx = (np.floor(yy / cell) + 0.5) * cell, (np.floor(xx / cell) + 0.5) * cell
+    radius = 0.55 * cell * np.clip(1 - np.hypot(cx - size / 2, cy - size / 2) / (size / 2), 0, 1)
+    out = np.zeros((size, size, 4), dtype=np.uint8)
+    out[np.hypot(xx - cx, yy - cy) <= radius] = (*ICON_RGB, 255)
+    return out
+
+
 def image_of(vec: Sequence[float] | np.ndarray, height: int, width: int, lo: float = 0.0, hi: float = 1.0,
              target: int = 96) -> np.ndarray | None:
     """A flat pixel vector as a uint8 image (H, W) or (H, W, 3), upscaled (nearest) to ~``target`` px."""

@@ -26,6 +26,18 @@ def normalise(spec: str) -> str:
     return f"sqlite:///{p}" if p.suffix.lower() in SQLITE_SUFFIXES else f"{JOURNAL}{p}"
 
 
+def shown(spec: str) -> str:
+    """A storage as the pages print it: a database password masked (``postgresql://me:***@host/db``)."""
+    if "://" not in spec:
+        return spec
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(spec).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: it holds no password it could mask
+        return spec
+
+
 def _is_optuna_sqlite(path: Path) -> bool:
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

@@ -22,6 +22,7 @@ from rich.console import Console
 from diffenc_core import config as config_mod
 from diffenc_core.errors import USER_ERROR_EXIT, DiffencError, JobError, PeerStopped, signal_exit
 from flows import dispatch
+from flows.serve import LIMIT_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err_console = Console(stderr=True)
@@ -311,7 +312,7 @@ def tune_show(
 def serve(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    limit: Annotated[int | None, typer.Option(help="most flow runs at once in this process")] = None,
+    limit: Annotated[int | None, typer.Option(help=LIMIT_HELP)] = None,
     work_pool: Annotated[
         str | None, typer.Option(help="register the deployments on this process work pool instead of serving")
     ] = None,

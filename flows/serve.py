@@ -11,6 +11,10 @@ adds its own ``overrides`` on top, e.g.::
 
     prefect deployment run 'diffenc-train/default' --param overrides='{"train.beta": 0.5}' --watch
 
+It runs at most ``--limit`` flow runs at once (by default :func:`default_limit`: one per core, as
+many as the available memory holds) and asks the server for runs every :data:`RUNNER_POLL_S`
+seconds; the other runs wait their turn (the server labels them *Late* after 15 s).
+
 ``--work-pool NAME`` instead registers the same deployments on a Prefect *process work pool*
 (created if missing) and returns; any number of ``prefect worker start --pool NAME`` processes,
 on this machine or others that see the same project folder, then execute the flow runs.
@@ -35,13 +39,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from diffenc_core.errors import signal_exit
 from flows import prefect_env
 
 DEFAULT_PARAMS = Path("params.yaml")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_TIMEOUT_S = 5.0  # after a stop signal, Prefect's runner gets this long to stop its flow runs cleanly
 POLL_S = 0.2  # how often the main thread looks at the runner and at received signals
-SIGNAL_EXIT_BASE = 128  # exit status after signal N: 128 + N (130 for SIGINT, 143 for SIGTERM)
+MB_PER_RUN = 400  # resident memory of one flow-run process while it trains (~370 MB measured, issue 19)
+MIN_LIMIT = 2  # a fan-out parent (β sweep, tuning fan-out) holds a slot while its children run
+MEMINFO = Path("/proc/meminfo")
+RUNNER_POLL_S = 2.0
+"""How often the runner asks the server for runs to start (Prefect's default is 10 s): a slot that
+frees stays idle at most this long while runs wait (issue 19 item 15, ``benchmarks/load_prefect.py``)."""
+POLL_ENV = "PREFECT_RUNNER_POLL_FREQUENCY"  # set by the user, it wins over RUNNER_POLL_S
+LIMIT_HELP = (f"most flow runs at once in this process (default: one per core, no more than the available "
+              f"memory / {MB_PER_RUN} MB, at least {MIN_LIMIT}; printed when serving starts)")
 
 
 def _base(params: Path | None, sets: list[str]) -> str | None:
@@ -54,6 +67,65 @@ def _base(params: Path | None, sets: list[str]) -> str | None:
         return None
     config_mod.load(params, sets)  # ConfigError for a missing or bad file, or a bad --set
     return str(params.resolve())
+
+
+def available_mb() -> float | None:
+    """Memory available for new processes without swapping (Linux ``MemAvailable``), in MB;
+    free physical pages elsewhere; None when neither can be read."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_limit(cores: int | None = None, memory_mb: float | None = None) -> int:
+    """Flow runs at once when ``--limit`` is not given: one per core, no more than the available
+    memory holds at :data:`MB_PER_RUN` each, and at least :data:`MIN_LIMIT`."""
+    cores = usable_cores() if cores is None else cores
+    memory_mb = available_mb() if memory_mb is None else memory_mb
+    by_memory = int(memory_mb // MB_PER_RUN) if memory_mb is not None else cores
+    return max(MIN_LIMIT, min(cores, by_memory))
+
+
+def poll_seconds() -> float:
+    """The runner's poll interval: ``PREFECT_RUNNER_POLL_FREQUENCY`` when set, else :data:`RUNNER_POLL_S`."""
+    from diffenc_core.errors import ConfigError
+
+    value = os.environ.get(POLL_ENV)
+    if not value:
+        return RUNNER_POLL_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):  # NaN fails the first test
+        raise ConfigError(f"{POLL_ENV}={value!r}: expected a number of seconds above 0, e.g. 2")
+    return seconds
+
+
+def check_limit(limit: int | None) -> int:
+    """``limit``, or the machine's default for None; a limit below 1 is a user error."""
+    from diffenc_core.errors import ConfigError
+
+    if limit is None:
+        return default_limit()
+    if limit < 1:
+        raise ConfigError(f"--limit {limit}: must be at least 1 flow run at once")
+    return limit
 
 
 def _require_api() -> str:
@@ -125,6 +197,8 @@ def main(params: Path = DEFAULT_PARAMS, sets: list[str] | None = None, limit: in
     prefect_env.apply_defaults()
     sets = list(sets or [])
     _base(params, sets)  # a bad configuration fails before anything is registered
+    if not work_pool:
+        limit, poll = check_limit(limit), poll_seconds()
     url = _require_api()
     if work_pool:
         for name in deploy_to_pool(work_pool, params, sets):
@@ -132,11 +206,12 @@ def main(params: Path = DEFAULT_PARAMS, sets: list[str] | None = None, limit: in
         print(f"now start workers: prefect worker start --pool {work_pool}  (one per machine or core set)")
         return 0
     deps = deployments(params, sets)
-    print(f"serving {len(deps)} deployments against {url} from {Path.cwd()}", flush=True)
-    return serve_until_stopped(deps, limit)
+    print(f"serving {len(deps)} deployments against {url} from {Path.cwd()}, "
+          f"at most {limit} flow runs at once (--limit), asking for runs every {poll:g} s", flush=True)
+    return serve_until_stopped(deps, limit, poll)
 
 
-def serve_until_stopped(deps: list, limit: int | None = None) -> int:
+def serve_until_stopped(deps: list, limit: int | None = None, poll_s: float = RUNNER_POLL_S) -> int:
     """Serve ``deps`` until a stop signal (0 if the runner ends by itself, else 128 + the signal).
 
     A runner that has not stopped :data:`STOP_TIMEOUT_S` after the signal (a server that does not
@@ -144,7 +219,8 @@ def serve_until_stopped(deps: list, limit: int | None = None) -> int:
     """
     from prefect.runner import Runner
 
-    runner = Runner(pause_on_shutdown=False, limit=limit)  # pausing schedules would ask the server too
+    # pausing schedules would ask the server too
+    runner = Runner(pause_on_shutdown=False, limit=limit, query_seconds=poll_s)
     done = threading.Event()
     failure: list[BaseException] = []
 
@@ -173,7 +249,7 @@ def serve_until_stopped(deps: list, limit: int | None = None) -> int:
             if failure:
                 raise failure[0]
             return 0
-        code = SIGNAL_EXIT_BASE + received[0]
+        code = signal_exit(received[0])
         deadline = time.monotonic() + STOP_TIMEOUT_S
         # also bounds what runs after this returns (Prefect's exit hooks flush logs to the server)
         threading.Thread(target=_abandon_at, args=(deadline, code), name="serve-stop-deadline", daemon=True).start()
@@ -226,7 +302,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", "-p", type=Path, default=DEFAULT_PARAMS, help="params.yaml to serve with")
     parser.add_argument("--set", "-s", dest="sets", action="append", default=[],
                         help="override served with every deployment, e.g. --set train.runs_dir=/scratch/runs")
-    parser.add_argument("--limit", type=int, default=None, help="most flow runs at once in this process")
+    parser.add_argument("--limit", type=int, default=None, help=LIMIT_HELP)
     parser.add_argument("--work-pool", default=None,
                         help="register the deployments on this process work pool instead of serving them")
     args = parser.parse_args(argv)
@@ -239,7 +315,7 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return SIGNAL_EXIT_BASE + signal.SIGINT
+        return signal_exit(signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ other = c2.text_input("…or another storage", placeholder="sqlite:///path/study
 if other:
     spec = optuna_io.normalise(other)
 elif specs:
-    spec = c1.selectbox("Storage", specs)
+    spec = c1.selectbox("Storage", specs, format_func=optuna_io.shown)
 else:
     st.info(f"No Optuna storage found under `{root}`. Run `diffenc tune`, start the dashboard with "
             "`--storage`, or enter a storage above.")
@@ -45,10 +45,11 @@ try:
     storage = _storage(spec)
     studies = optuna_io.study_summaries(storage)
 except Exception as err:
-    st.warning(f"Cannot open `{spec}`: {err.__class__.__name__}: {err}", icon=":material/warning:")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # SQLAlchemy appends a help link
+    st.warning(f"Cannot open `{optuna_io.shown(spec)}`: {err.__class__.__name__}: {first}", icon=":material/warning:")
     st.stop()
 if studies.empty:
-    st.info(f"`{spec}` holds no studies yet.")
+    st.info(f"`{optuna_io.shown(spec)}` holds no studies yet.")
     st.stop()
 
 name = st.selectbox("Study", list(studies["study"]),

@@ -26,8 +26,9 @@ from filelock import FileLock, Timeout
 
 from diffenc_core import config as config_mod
 from diffenc_core.config import Config
-from diffenc_core.errors import DiffencError
+from diffenc_core.errors import USER_ERROR_EXIT, WORKER_DIED_EXIT, DiffencError, signal_exit
 from flows.tuning.output import say
+from flows.tuning.storage import without_password
 
 MAX_REPLACEMENTS = 3
 """Dead workers one ``diffenc tune`` command replaces; after that the others finish the study."""
@@ -36,8 +37,6 @@ STOP_GRACE_S = 10.0  # a stopped pool's workers get this long to fail their tria
 FOLDER_PREFIX = ".workers-"
 CONFIG_FILE = "worker-config.yaml"  # not params.yaml: the pool's folder is not a run directory
 LOCK_FILE = "pool.lock"
-WORKER_ERROR_EXIT = 2  # a worker stopped on a DiffencError (its message is on stderr): not replaced
-WORKER_DIED_EXIT = 3
 """Exit status of ``diffenc tune`` when a worker died during the study (even if it was replaced)."""
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,7 +97,7 @@ def sigterm_stops() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(signal_exit(signum))
 
     before = signal.signal(signal.SIGTERM, stop)
     try:
@@ -134,6 +133,9 @@ def run_pool(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
     env.setdefault("OMP_NUM_THREADS", "1")
+    url, password = without_password(url)  # a database password never goes on a command line
+    if password is not None:
+        env["PGPASSWORD"] = password
     outcome = Outcome()
     running: dict[int, subprocess.Popen] = {}
     with pool_folder(folder_of_study) as folder, sigterm_stops():
@@ -160,7 +162,7 @@ def run_pool(
                     del running[index]
                     if rc == 0:
                         continue
-                    if rc == WORKER_ERROR_EXIT:
+                    if rc == USER_ERROR_EXIT:  # a worker stopped on a DiffencError (its message is on stderr)
                         outcome.errors.append(index)
                         say(f"[yellow]worker {index} stopped on the error above[/]", stderr=True)
                         continue

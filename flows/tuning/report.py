@@ -15,7 +15,7 @@ from diffenc_core.config import Config
 from diffenc_core.errors import DiffencError
 from flows.tuning.output import console, quiet_optuna, say
 from flows.tuning.space import study_name
-from flows.tuning.storage import storage_url
+from flows.tuning.storage import shown, storage_url
 from flows.tuning.study import ATTR_TARGET, count, load_existing, resume_command, stored
 
 TOP_TRIALS = 10  # rows of the single-objective "top trials" table
@@ -48,7 +48,7 @@ def summarize(study: optuna.Study, url: str) -> dict[str, Any]:
     multi = len(study.directions) > 1
     return {
         "study": study.study_name,
-        "storage": url,
+        "storage": shown(url),
         "objective": study.user_attrs.get("objective"),
         "metrics": study.user_attrs.get("metrics"),
         "n_trials": study.user_attrs.get(ATTR_TARGET),

@@ -16,7 +16,7 @@ from flows.tuning import study as study_mod
 from flows.tuning.output import quiet_optuna, say
 from flows.tuning.report import print_study, summarize
 from flows.tuning.space import check_space, study_name
-from flows.tuning.storage import is_journal, local_file, make_storage, storage_url, study_dir
+from flows.tuning.storage import is_journal, local_file, make_storage, shown, storage_url, study_dir
 from flows.tuning.worker import work
 
 
@@ -69,7 +69,7 @@ def run_study(
         ignore = frozenset(before.running_numbers)
         say(f"[yellow]trials {sorted(ignore)} are RUNNING in a journal file, which has no heartbeat: "
             "if their worker died they stay RUNNING; they are not counted toward the target[/]")
-    say(f"study [bold]{name}[/] ({cfg.tune.objective}) in {url}: {before.finished}/{n} finished"
+    say(f"study [bold]{name}[/] ({cfg.tune.objective}) in {shown(url)}: {before.finished}/{n} finished"
         + (f", {w} workers" if w > 1 else ""))
     outcome = pool.Outcome()
     if before.finished < n:
@@ -131,7 +131,7 @@ def resume_study(
     url = storage_url(cfg, name, storage)
     settings = study_mod.stored(study_mod.load_existing(cfg, name, url))
     if settings is None:
-        raise DiffencError(f"study '{name}' in {url} stores no settings (it predates `tune resume`): "
+        raise DiffencError(f"study '{name}' in {shown(url)} stores no settings (it predates `tune resume`): "
                            "re-run the `diffenc tune` command that started it")
     target = n_trials if n_trials is not None else settings.n_trials
     say(f"resuming study [bold]{name}[/] with its stored settings: objective {settings.config.tune.objective}, "

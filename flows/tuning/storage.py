@@ -18,6 +18,9 @@ from flows.tuning.output import say
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 SQLITE_PREFIX = "sqlite:///"
 SQLITE_TIMEOUT_S = 60  # seconds a SQLite writer waits for another worker's transaction
+POSTGRES_EXTRA = "pip install 'diffenc[postgres]'"
+# SQLAlchemy's driver for postgresql://: psycopg (3) from SQLAlchemy 2.1 on, psycopg2 before; the extra has both
+POSTGRES_DRIVERS = ("psycopg", "psycopg2")
 
 
 def tune_dir(cfg: Config) -> Path:
@@ -57,6 +60,63 @@ def local_file(url: str) -> Path | None:
     if url.startswith(SQLITE_PREFIX) and ":memory:" not in url:
         return Path(url[len(SQLITE_PREFIX):].split("?", 1)[0])
     return None
+
+
+def shown(url: str) -> str:
+    """``url`` as messages print it: a database password masked (``postgresql://user:***@host/db``)."""
+    if is_journal(url):
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: it holds no password it could mask
+        return url
+
+
+def without_password(url: str) -> tuple[str, str | None]:
+    """A PostgreSQL ``url`` without its password, and the password (for ``PGPASSWORD``, which libpq
+    reads): worker processes get it through their environment, not on a command line that ``ps``
+    shows to every user. Other URLs come back unchanged, with None."""
+    if not url.lower().startswith("postgresql"):
+        return url, None
+    try:
+        from sqlalchemy.engine import URL, make_url
+
+        parsed = make_url(url)
+    except Exception:  # not a URL SQLAlchemy can parse: opening it will say so
+        return url, None
+    if parsed.password is None:
+        return url, None
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database,
+                      parsed.query)
+    return bare.render_as_string(hide_password=False), str(parsed.password)
+
+
+def _missing_module(err: BaseException | None) -> str | None:
+    """The top-level module whose import failed somewhere in ``err``'s chain (Optuna re-raises
+    SQLAlchemy's ImportError as its own)."""
+    while err is not None:
+        if isinstance(err, ModuleNotFoundError) and err.name:
+            return err.name.split(".")[0]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def why_not(url: str, err: Exception) -> str:
+    """One line saying why the storage at ``url`` could not be opened, and what to do."""
+    scheme = url.split("://", 1)[0].lower()
+    dialect, _, driver = scheme.partition("+")
+    if isinstance(err, ImportError):
+        module = _missing_module(err)
+        if dialect == "postgresql" and driver in ("", *POSTGRES_DRIVERS) and module in (None, *POSTGRES_DRIVERS):
+            return f"the PostgreSQL driver {module or driver or 'psycopg'} is not installed: {POSTGRES_EXTRA}"
+        return (f"the database driver {module or driver or 'SQLAlchemy uses for ' + dialect} is not installed "
+                "(pip install it in this environment)")
+    if scheme == "postgres":
+        return "SQLAlchemy does not know the scheme postgres://: write postgresql://"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"cannot open it ({err.__class__.__name__}: {first})"
 
 
 class StaleTrial:
@@ -99,7 +159,7 @@ def make_storage(cfg: Config, url: str, heartbeat: bool = True) -> optuna.storag
     except DiffencError:
         raise
     except Exception as err:  # bad URL, missing driver, unreachable server
-        raise DiffencError(f"--storage {url}: cannot open it ({err.__class__.__name__}: {err})") from None
+        raise DiffencError(f"--storage {shown(url)}: {why_not(url, err)}") from None
 
 
 def existing_storage(cfg: Config, name: str, url: str) -> optuna.storages.BaseStorage:

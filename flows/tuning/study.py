@@ -20,7 +20,7 @@ from diffenc_core import config as config_mod
 from diffenc_core.config import Config
 from diffenc_core.errors import ConfigError, DiffencError
 from flows.tuning.space import OBJECTIVES, objective_space
-from flows.tuning.storage import existing_storage, storage_url
+from flows.tuning.storage import existing_storage, shown, storage_url
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -55,7 +55,7 @@ def open_study(
     made_for = study.user_attrs.get(ATTR_OBJECTIVE)
     if made_for is None:
         if len(study.directions) != len(OBJECTIVES[objective]):
-            raise ConfigError(f"study '{name}' in {url} has {len(study.directions)} objective(s), "
+            raise ConfigError(f"study '{name}' in {shown(url)} has {len(study.directions)} objective(s), "
                               f"tune.objective '{objective}' has {len(OBJECTIVES[objective])}")
         study.set_user_attr(ATTR_OBJECTIVE, objective)
         study.set_user_attr(ATTR_METRICS, list(OBJECTIVES[objective]))
@@ -63,7 +63,7 @@ def open_study(
             study.set_metric_names(list(OBJECTIVES[objective]))
     elif made_for != objective:
         raise ConfigError(
-            f"tune.objective: study '{name}' in {url} was created for objective '{made_for}', not "
+            f"tune.objective: study '{name}' in {shown(url)} was created for objective '{made_for}', not "
             f"'{objective}' (use another --study name, or --set tune.objective={made_for})"
         )
     return study
@@ -76,7 +76,7 @@ def load_existing(cfg: Config, name: str, url: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=store)
     except KeyError:
         names = optuna.get_all_study_names(store)
-        raise DiffencError(f"no study '{name}' in {url} (it has: {', '.join(names) or 'none'})") from None
+        raise DiffencError(f"no study '{name}' in {shown(url)} (it has: {', '.join(names) or 'none'})") from None
 
 
 # ------------------------------------------------------------------------------ stored settings
@@ -106,7 +106,7 @@ def resume_command(study: optuna.Study, url: str) -> str | None:
         return None
     name = study.study_name
     line = f"diffenc tune resume --study {name}"
-    return line if url == storage_url(Config(), name) else f"{line} --storage {url}"
+    return line if url == storage_url(Config(), name) else f"{line} --storage {shown(url)}"
 
 
 def record(study: optuna.Study, cfg: Config, n_trials: int) -> None:
@@ -124,10 +124,10 @@ def check_same_settings(study: optuna.Study, cfg: Config, url: str) -> None:
     changed = changes(before.config, cfg)
     if changed:
         name = study.study_name
-        shown = "; ".join(changed[:MAX_SHOWN_CHANGES]) + (
+        listed = "; ".join(changed[:MAX_SHOWN_CHANGES]) + (
             f"; and {len(changed) - MAX_SHOWN_CHANGES} more" if len(changed) > MAX_SHOWN_CHANGES else "")
         raise ConfigError(
-            f"study '{name}' in {url} was started with other settings ({shown}): continue it as it was with "
+            f"study '{name}' in {shown(url)} was started with other settings ({listed}): continue it as it was with "
             f"`{resume_command(study, url)}`, or start another --study"
         )
 

@@ -91,10 +91,20 @@ def page(server):
         # the app scrolls inside its own container: a tall viewport captures the whole page
         pg = browser.new_page(viewport={"width": 1500, "height": 2600})
         pg.set_default_timeout(45_000)
+        pg.outside = []  # requests that leave the server: the page must load everything from it (issue 19)
+        pg.on("request", lambda r: pg.outside.append(r.url) if not _local(r.url) else None)
         try:
             yield pg
         finally:
             browser.close()
+
+
+def _local(url: str) -> bool:
+    """A request the app's own server (or the page itself) answers."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme in ("data", "blob", "about") or parts.hostname in ("127.0.0.1", "localhost")
 
 
 def _settle(pg) -> None:
@@ -191,4 +201,6 @@ def test_pages_in_browser(server, page):
 
     # the selection survived every page switch
     assert _compared(pg) == ["diff_digits", "vae_digits"]
+    # nothing was fetched from elsewhere (a :material/ page icon came from Google's font CDN)
+    assert not pg.outside, sorted(set(pg.outside))
 
