@@ -91,8 +91,8 @@ def _val_elbo(method: DiffusionEM | GaussianVAE, x: Tensor) -> float:
     return trainer.Validation(x)(method)["val_neg_elbo"] * -1.0
 
 
-def fit_encoder(cfg: config.Config, method: DiffusionEM | GaussianVAE, x_train: Tensor, x_val: Tensor,
-                budget_s: float | None = None) -> dict[str, Any]:
+def fit_encoder(cfg: config.Config, method: DiffusionEM | GaussianVAE, examples: trainer.TrainingSet,
+                x_val: Tensor, budget_s: float | None = None) -> dict[str, Any]:
     """Train ``method``'s encoder with its decoder frozen; keep the best state by validation ELBO.
 
     Runs ``cfg.total_steps`` steps, or, with ``budget_s``, until that much training time has passed
@@ -101,11 +101,12 @@ def fit_encoder(cfg: config.Config, method: DiffusionEM | GaussianVAE, x_train: 
     total = cfg.total_steps
     best, best_state, step, elapsed = -math.inf, None, 0, 0.0
     every = cfg.train.val_every
+    n = examples.x.shape[0]
     while step < total and (budget_s is None or elapsed < budget_s):
         t0 = time.perf_counter()
-        idx = trainer.batch_indices(cfg.train.seed, step, len(x_train), cfg.train.batch_size)
-        optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, 0.0, *method.phase_bounds(step, total)))
-        method.train_step(step, idx, x_train[idx])
+        idx = trainer.batch_indices(cfg.train.seed, step, n, cfg.train.batch_size)
+        optim.set_lr(method.optimizers(), optim.lr_scale(cfg, step, elapsed, *method.phase_bounds(step, total)))
+        method.train_step(step, idx, examples(idx))
         elapsed += time.perf_counter() - t0
         step += 1
         final_phase = method.phase_bounds(step - 1, total)[1] == total
@@ -200,7 +201,7 @@ def main() -> None:
         diff = trainer.build_method(dcfg, manifest)
         diff.attach_data(trainer.TrainingSet(train_x))
         _fix_decoder(diff, dec_state)
-        fit = fit_encoder(dcfg, diff, train_x, val_x)
+        fit = fit_encoder(dcfg, diff, trainer.TrainingSet(train_x), val_x)
         entry["encoders"]["diffusion (EM)"] = {**fit, **bounds(diff, test_x, log_px, p["iwae_k"])}
 
         for label, budget in (("Gaussian (ELBO), VAE's steps", None),
@@ -210,7 +211,7 @@ def main() -> None:
             torch.manual_seed(0)
             gauss = trainer.build_method(gcfg, manifest)
             _fix_decoder(gauss, dec_state)
-            gfit = fit_encoder(gcfg, gauss, train_x, val_x, budget_s=budget)
+            gfit = fit_encoder(gcfg, gauss, trainer.TrainingSet(train_x), val_x, budget_s=budget)
             entry["encoders"][label] = {**gfit, **bounds(gauss, test_x, log_px, p["iwae_k"])}
 
         with torch.no_grad():

@@ -38,9 +38,7 @@ POSTERIOR = "posterior.parquet"  # encoder vs exact posterior samples; empty wit
 PLOTS = "plots"
 CHECKPOINTS = "checkpoints"
 LIVE = "live"  # the DVC stages' dvclive folder (``diffenc train --live runs/<name>/live``)
-STOP_REQUEST = "stop-request"  # ``diffenc train --nproc`` asks its processes to stop (a pruner's decision)
-RUN_ENTRIES = frozenset({STATUS, PARAMS, HISTORY, METRICS, RECON, LATENTS, POSTERIOR, PLOTS, CHECKPOINTS, LIVE,
-                         STOP_REQUEST})
+RUN_ENTRIES = frozenset({STATUS, PARAMS, HISTORY, METRICS, RECON, LATENTS, POSTERIOR, PLOTS, CHECKPOINTS, LIVE})
 """Everything a run directory may hold (besides atomic-write leftovers): what replacing a run removes."""
 EVALUATION_ENTRIES = (METRICS, RECON, LATENTS, POSTERIOR, PLOTS)
 """What ``diffenc evaluate`` writes: it measures one checkpoint, so a run that trains further drops it."""
