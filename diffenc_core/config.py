@@ -236,6 +236,9 @@ class EMConfig(_Section):
     target_accept: float = Field(0.574, gt=0.0, lt=1.0)
     adapt_rate: float = Field(0.1, ge=0.0)
     alignment: float = Field(0.0, ge=0.0)
+    # MALA preconditioned by the Gaussian head's standard deviations (steps in u = (z - mu)/s): a posterior
+    # far narrower in some latents than in others (MNIST's inactive units) mixes at one step size
+    precondition: bool = True
     persistent: bool = True
     # ancestral steps of the encoder sample that starts a chain (and of the M-step's encoder samples)
     init_sampler_steps: int = Field(2, ge=1)

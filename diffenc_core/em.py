@@ -130,7 +130,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
                 steps=em.warmup_langevin_steps if warming else em.langevin_steps,
                 beta=self.beta, alignment=em.alignment, z_anchor=z0, adjust=em.e_step != "ula",
                 target_accept=em.target_accept, adapt_rate=em.adapt_rate, step_max=em.step_size_max,
-                max_retries=em.max_retries,
+                max_retries=em.max_retries, scale=self.preconditioner(x),
             )
         all_idx, all_z, all_log_step = self.world.all_gather_rows(idx, res.z, res.log_step)
         self.chains[all_idx], self.log_step[all_idx] = all_z, all_log_step
@@ -138,6 +138,13 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         return res.z, {**stats, "log_lik": res.log_lik, "sync_gap": res.gap.mean(), "accept": res.accept.mean(),
                        "move": res.move.mean(), "step_size": res.log_step.exp().mean(),
                        "retries": torch.tensor(float(res.retries))}
+
+    @torch.no_grad()
+    def preconditioner(self, x: Tensor) -> Tensor | None:
+        """The Gaussian head's standard deviations, MALA's diagonal preconditioner (``em.precondition``)."""
+        if not self.em.precondition or self.encoder.head is None:
+            return None
+        return self.encoder.head(x)[1].exp()
 
     def initial_latents(self, idx: Tensor, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``z0``: a tempered-SMC draw (``em.e_step: smc``), else the example's chain, else an encoder sample."""

@@ -92,26 +92,30 @@ def mala_step(
     alignment: float = 0.0,
     z_anchor: Tensor | None = None,
     adjust: bool = True,
+    scale: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One MALA (``adjust=True``) or ULA step on ``U``; the chain state is ``(z, ll, grad_ll)``.
 
     The state carries the log-likelihood rather than ``U`` so a tempered sampler can reuse it
-    at a new ``beta`` without a new decoder pass. Returns the new state and the per-example
-    acceptance probability (1 for ULA). A proposal with non-finite energy or gradient is
-    rejected, so MALA never leaves finite territory.
+    at a new ``beta`` without a new decoder pass. ``scale`` ``(N, d)`` preconditions the step with a
+    fixed diagonal ``S = diag(scale^2)`` (the proposal ``N(z - h S ∇U, 2h S)``: MALA in ``u = z / scale``),
+    so a posterior far narrower in some directions than in others mixes at one step size. Returns the new
+    state and the per-example acceptance probability (1 for ULA). A proposal with non-finite energy or
+    gradient is rejected, so MALA never leaves finite territory.
     """
     h = log_step.exp().unsqueeze(-1)
+    s2 = scale.pow(2) if scale is not None else torch.ones_like(z)
     u, g = _potential(ll, grad_ll, z, z_anchor, beta, alignment)
     noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    zp = z - h * g + torch.sqrt(2.0 * h) * noise
+    zp = z - h * s2 * g + torch.sqrt(2.0 * h * s2) * noise
     llp, gllp = log_lik_and_grad(log_lik, x, zp)
     if not adjust:
         return zp, llp, gllp, torch.ones_like(ll)
     up, gp = _potential(llp, gllp, zp, z_anchor, beta, alignment)
-    # log q(z|z') - log q(z'|z) for q(b|a) = N(b; a - h∇U(a), 2h I)
-    log_fwd = -(zp - z + h * g).pow(2).sum(-1) / (4.0 * h.squeeze(-1))
-    log_bwd = -(z - zp + h * gp).pow(2).sum(-1) / (4.0 * h.squeeze(-1))
+    # log q(z|z') - log q(z'|z) for q(b|a) = N(b; a - h S ∇U(a), 2h S)
+    log_fwd = -((zp - z + h * s2 * g).pow(2) / s2).sum(-1) / (4.0 * h.squeeze(-1))
+    log_bwd = -((z - zp + h * s2 * gp).pow(2) / s2).sum(-1) / (4.0 * h.squeeze(-1))
     log_alpha = u - up + log_bwd - log_fwd
     finite = torch.isfinite(up) & torch.isfinite(gp).all(-1) & ~torch.isnan(log_alpha)
     log_alpha = torch.where(finite, log_alpha, torch.full_like(log_alpha, -math.inf))
@@ -149,9 +153,11 @@ def langevin(
     target_accept: float = 0.574,
     adapt_rate: float = 0.1,
     step_max: float = 1.0,
+    scale: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> EStepResult:
-    """``steps`` of MALA (or ULA) from ``z0`` with per-example step ``exp(log_step)``.
+    """``steps`` of MALA (or ULA) from ``z0`` with per-example step ``exp(log_step)`` (preconditioned by
+    ``scale``, see :func:`mala_step`).
 
     The step is capped at ``step_max``. MALA adapts it after every step; ULA neither corrects
     nor adapts, and may return non-finite values (``refine`` is the guarded version).
@@ -169,7 +175,7 @@ def langevin(
     for _ in range(steps):
         z, ll, grad_ll, acc = mala_step(
             log_lik, x, z, ll, grad_ll, log_step, beta=beta, alignment=alignment,
-            z_anchor=z_anchor, adjust=adjust, generator=generator,
+            z_anchor=z_anchor, adjust=adjust, scale=scale, generator=generator,
         )
         acc_sum = acc_sum + acc
         if adjust:
@@ -206,9 +212,9 @@ def refine(
     z0 = z0.detach()
     n = z0.shape[0]
     log_step = torch.as_tensor(log_step, dtype=z0.dtype, device=z0.device).detach()
-    z_anchor = kw.pop("z_anchor", None)
+    z_anchor, scale = kw.pop("z_anchor", None), kw.pop("scale", None)
     start = log_step.expand(n).clamp(max=math.log(kw.get("step_max", 1.0)))
-    res = langevin(log_lik, x, z0, start, z_anchor=z_anchor, **kw)
+    res = langevin(log_lik, x, z0, start, z_anchor=z_anchor, scale=scale, **kw)
     retries = 0
     while True:
         bad = ~(torch.isfinite(res.z).all(-1) & torch.isfinite(res.gap))
@@ -226,7 +232,8 @@ def refine(
         retries += 1
         start = start.clone()
         start[idx] = start[idx] - math.log(2.0)
-        sub = langevin(log_lik, x[idx], z0[idx], start[idx], z_anchor=_take(z_anchor, idx), **kw)
+        sub = langevin(log_lik, x[idx], z0[idx], start[idx], z_anchor=_take(z_anchor, idx), scale=_take(scale, idx),
+                       **kw)
         for name in ("z", "log_lik", "log_step", "accept", "gap", "move"):
             merged = getattr(res, name).clone()
             merged[idx] = getattr(sub, name)
