@@ -288,7 +288,7 @@ class EvalConfig(_Section):
     elbo_samples: int = Field(4, ge=1)
     n_recon: int = Field(16, ge=1)
     n_test: int = Field(500, ge=1)
-    exact_logq_max_dim: int = Field(8, ge=0)
+    exact_logq_max_dim: int = Field(64, ge=0)
     batch_size: int = Field(250, ge=1)
     active_unit_threshold: float = Field(0.01, gt=0.0)
     # log p(x) by AIS / tempered SMC from the prior, on the first ais_n test x (0 = skip); a second,
@@ -299,6 +299,14 @@ class EvalConfig(_Section):
     ais_particles: int = Field(16, ge=1)
     ais_moves: int = Field(2, ge=1)
     ais_step_size: float = Field(0.05, gt=0.0)
+    # draws of the IWAE of encoders with a closed-form Gaussian log q (the VAE, the diffusion encoder's head)
+    iwae_k_gaussian: int = Field(1000, ge=0)
+    # (x, draw) pairs per importance-sampling pass: bounds the memory of IWAE and exact-log-q ELBO
+    iwae_rows: int = Field(1024, ge=1)
+    # AIS below the best bound on the same x is under-converged: the ladder doubles up to this
+    ais_max_temperatures: int = Field(1600, ge=0)
+    # nats; > 0 also doubles the ladder while the estimate still rose more than this from the shorter one
+    ais_ladder_tolerance: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from diffenc_core.config import EncoderConfig, ModelConfig, VAEConfig
-from diffenc_core.networks import LOG_2PI, GaussianEncoderNet, ImageShape, ScoreNet, conv_shape
+from diffenc_core.networks import LOG_2PI, GaussianEncoderNet, ImageShape, ScoreNet
 from diffenc_core.rate import log_q_deterministic, score_integral, std_normal_log_prob
 from diffenc_core.sampling import DETERMINISTIC_SAMPLERS, SAMPLERS, EpsFn, ancestral
 from diffenc_core.schedule import LogSNRSchedule
@@ -41,7 +41,6 @@ class DiffusionEncoder(nn.Module):
         self.latent_dim = latent_dim
         self.base = enc_cfg.base
         self.schedule = LogSNRSchedule.from_config(enc_cfg)
-        image_shape = conv_shape(image_shape)
         self.head: GaussianEncoderNet | None = None
         if self.base != "none":
             self.head = GaussianEncoderNet.from_config(
@@ -200,7 +199,7 @@ class DiffusionEncoder(nn.Module):
         sampler: str = "dpmpp2m",
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``(z, log q(z|x))`` exactly for the deterministic sampler, via its Jacobian (small d).
+        """``(z, log q(z|x))`` exactly for the deterministic sampler, via its Jacobian (``d`` backward passes).
 
         Includes the whitening log-det ``-sum log std``. Evaluation only: outputs are detached.
         """

@@ -9,6 +9,8 @@ Reads ``checkpoints/best.pt`` (or ``last.pt``: ``eval.checkpoint``) and the test
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,15 @@ from diffenc_core import checkpoint, data, metrics, plots, runs
 from diffenc_core.config import Config, from_dict
 from diffenc_core.em import DiffusionEM
 from diffenc_core.errors import CheckpointError, RunError
-from diffenc_core.evidence import AISSettings, ais_log_px
-from diffenc_core.langevin import e_step
+from diffenc_core.evidence import AISSettings, ais_until_converged
+from diffenc_core.langevin import refine as langevin_refine
 from diffenc_core.toys import Bimodal, LinearGaussian, std_normal_log_prob, toy_from_manifest
 from diffenc_core.trainer import build_method, device_for
 from diffenc_core.vae import GaussianVAE, gaussian_log_q
 
 Method = DiffusionEM | GaussianVAE
+# (x (n, D), m) -> m draws per x ``z (m, n, d)`` and their ``log q(z|x) (m, n)``, detached
+Proposal = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 POSTERIOR_COLUMNS = {"x_index": "int64", "source": "str", "z0": "float32", "z1": "float32"}
 
 
@@ -61,16 +65,16 @@ def _batched(fn, x: Tensor, size: int) -> list[Any]:
     return [fn(x[i : i + size]) for i in range(0, x.shape[0], size)]
 
 
-def _cat(parts: list[Any], dim: int = 0) -> Any:
+def _cat(parts: list[Any]) -> Any:
     if isinstance(parts[0], tuple):
-        return tuple(torch.cat(p, dim) for p in zip(*parts, strict=True))
-    return torch.cat(parts, dim)
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+    return torch.cat(parts)
 
 
 def refine(method: Method, x: Tensor, z0: Tensor, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
     """``refine_steps`` of MALA from the amortised ``z0`` on the beta-tempered posterior."""
     log_step = torch.full((x.shape[0],), float(np.log(cfg.em.step_size)), device=x.device)
-    res = e_step(
+    res = langevin_refine(
         method.decoder.log_prob, x, z0, log_step, steps=cfg.eval.refine_steps, beta=cfg.train.beta,
         target_accept=cfg.em.target_accept, adapt_rate=cfg.em.adapt_rate, step_max=cfg.em.step_size_max,
         max_retries=cfg.em.max_retries,
@@ -129,27 +133,22 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
     ll, rate = torch.stack(lls).mean(0), torch.stack(rates).mean(0)
     elbo = ll - rate
     out.update(rate_nats=rate.mean().item(), distortion_nats=(-ll).mean().item(), elbo_nats=elbo.mean().item(),
-               neg_elbo_nats=-elbo.mean().item(), sigma_x=method.decoder.sigma().item())
+               neg_elbo_nats=-elbo.mean().item())
+    if hasattr(method.decoder, "sigma"):  # a Gaussian decoder's observation std
+        out["sigma_x"] = method.decoder.sigma().item()
     if isinstance(method, DiffusionEM):
         si = _cat(_batched(lambda xb: method.amortised.score_integral(xb, method.encode(xb)), x, bs))
         out["rate_score_integral_nats"] = si.mean().item()
 
-    # exact log q: ELBO with the exact rate, and IWAE-k (VAE always; diffusion for small d)
-    exact_ok = isinstance(method, GaussianVAE) or cfg.model.latent_dim <= ev.exact_logq_max_dim
-    elbo_exact = iwae = None
-    if exact_ok:
-        lj, lq_k, z_k = _cat([importance_samples(method, x[i : i + bs], ev.iwae_k) for i in range(0, n, bs)], dim=1)
-        elbo_exact = (lj - lq_k).mean(0)
-        iwae = metrics.iwae_bound(lj, lq_k)
-        out[f"iwae_{ev.iwae_k}_nats"] = iwae.mean().item()
-        out["elbo_exact_logq_nats"] = elbo_exact.mean().item()
-        out["rate_exact_logq_nats"] = (lq_k - std_normal_log_prob(z_k)).mean().item()
-    if isinstance(method, DiffusionEM) and method.amortised.head is not None:
-        out["elbo_base_only_nats"] = _base_only_elbo(method, x, ev.elbo_samples).mean().item()
+    # exact log q (ELBO with the exact rate, IWAE-k) and the Gaussian heads' large-k IWAE; every
+    # per-x lower bound on log p(x) is kept for the AIS check
+    bound_values, bound_out = _importance_bounds(method, x, cfg)
+    out.update(bound_out)
+    bounds = {"elbo_nats": elbo, **bound_values}
 
     # the decoder as a density model: log p(x) by AIS, and each bound's gap to it
     if ev.ais_n > 0:
-        out.update(_evidence(method, x[: min(n, ev.ais_n)], elbo, elbo_exact, iwae, cfg))
+        out.update(_evidence(method, x[: min(n, ev.ais_n)], bounds, cfg))
 
     # latent statistics and probes
     z_mean = _cat(_batched(lambda xb: _posterior_mean(method, xb), x, bs))
@@ -164,7 +163,7 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
     truth = toy_from_manifest(test.manifest)
     posterior_rows = pd.DataFrame(columns=POSTERIOR_COLUMNS).astype(POSTERIOR_COLUMNS)
     if truth is not None:
-        out.update(_ground_truth(method, truth, x, elbo, elbo_exact, cfg))
+        out.update(_ground_truth(method, truth, x, elbo, bounds.get("elbo_exact_logq_nats"), cfg))
         posterior_rows = _posterior_table(method, truth, x[: min(4, n)], cfg)
 
     _write_tables(run, test, n, x, rec_amort, rec_ref, mse_a, mse_r, z_amort, z_mean, rate, ev.n_recon)
@@ -175,62 +174,169 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
     return out
 
 
-def importance_samples(method: Method, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``k`` encoder samples per x with ``log p(x, z)`` and the exact ``log q(z|x)``: ``(k, N)``,
-    ``(k, N)``, ``(k, N, d)``, concatenated along x (dimension 1) by ``_cat``."""
-    zs, lqs = zip(*(method.encode_with_log_q(x) for _ in range(k)), strict=True)
-    z_k, lq_k = torch.stack(zs), torch.stack(lqs)
-    with torch.no_grad():
-        lj = method.decoder.log_prob(x.expand(k, -1, -1).reshape(-1, x.shape[1]),
-                                     z_k.reshape(-1, z_k.shape[-1])).reshape(k, -1)
-    return lj + std_normal_log_prob(z_k), lq_k, z_k
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """``k`` proposal draws per x: ``log p(x, z)``, ``log q(z|x)`` and ``log p(z)``, each ``(k, N)``."""
+
+    log_joint: Tensor
+    log_q: Tensor
+    log_prior: Tensor
+
+    def elbo(self) -> Tensor:
+        """Per-x ELBO with the exact ``log q``, averaged over all ``k`` draws."""
+        return (self.log_joint - self.log_q).mean(0)
+
+    def iwae(self, k: int | None = None) -> Tensor:
+        """Per-x IWAE bound from the first ``k`` draws (all by default)."""
+        return metrics.iwae_bound(self.log_joint[:k], self.log_q[:k])
+
+    def rate(self) -> Tensor:
+        """Per-x ``E_q[log q(z|x) − log p(z)]``, the exact rate."""
+        return (self.log_q - self.log_prior).mean(0)
 
 
-@torch.no_grad()
-def _base_only_elbo(method: DiffusionEM, x: Tensor, samples: int) -> Tensor:
-    """Per-x ELBO of the encoder's Gaussian base alone (the diffusion residual switched off).
+def flow_proposal(encode_with_log_q: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Proposal:
+    """Draws of an encoder whose ``encode_with_log_q(x)`` gives one sample per row and its exact
+    ``log q``: the ``m`` draws of every x go through it as one batch (``m * n`` rows)."""
 
-    An ablation: the diffusion encoder's ELBO minus this is what the diffusion adds over the
-    amortised Gaussian it is built on (docs/method.md §10).
+    def propose(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        z, log_q = encode_with_log_q(x.repeat(m, *([1] * (x.dim() - 1))))  # row i*n + j is x[j]
+        return z.reshape(m, x.shape[0], -1), log_q.reshape(m, x.shape[0])
+
+    return propose
+
+
+def gaussian_proposal(head: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Proposal:
+    """Draws of ``N(mu(x), diag std(x)^2)`` with the closed-form ``log q``; ``head(x) -> (mu, log_std)``
+    runs once per x, however many draws."""
+
+    @torch.no_grad()
+    def propose(x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        mu, log_std = head(x)
+        z = mu + log_std.exp() * torch.randn((m, *mu.shape), dtype=mu.dtype, device=mu.device)
+        return z, gaussian_log_q(z, mu, log_std)
+
+    return propose
+
+
+def _draws(
+    propose: Proposal, log_lik, x: Tensor, k: int, rows: int
+) -> Iterator[tuple[slice, slice, Tensor, Tensor, Tensor]]:
+    """``(draws, xs, z (m, n, d), log p(x|z) (m, n), log q (m, n))``: ``k`` draws per x, in passes of
+    at most ``rows`` (x, draw) pairs, so memory does not grow with ``k``. A pass holds as few x as
+    lets all their draws fit: a Gaussian head then runs once per x."""
+    per = max(1, min(x.shape[0], rows // k))
+    for i in range(0, x.shape[0], per):
+        xb = x[i : i + per]
+        nb = xb.shape[0]
+        m_max = max(1, rows // nb)
+        for j in range(0, k, m_max):
+            m = min(m_max, k - j)
+            z, log_q = propose(xb, m)
+            with torch.no_grad():
+                ll = log_lik(xb.expand(m, *xb.shape).reshape(m * nb, *xb.shape[1:]),
+                             z.reshape(m * nb, z.shape[-1])).reshape(m, nb)
+            yield slice(j, j + m), slice(i, i + nb), z, ll, log_q
+
+
+def importance_weights(propose: Proposal, log_lik, x: Tensor, k: int, rows: int = 1024) -> ImportanceWeights:
+    """``k`` draws of ``propose`` per x and their log densities, ``rows`` (x, draw) pairs per pass."""
+    # written into tensors allocated once: many small kept pieces would fragment the heap (RSS grew
+    # ~2 MB per x at k = 1000)
+    w = ImportanceWeights(*(x.new_empty(k, x.shape[0]) for _ in range(3)))
+    for draws, xs, z, ll, log_q in _draws(propose, log_lik, x, k, rows):
+        log_prior = std_normal_log_prob(z)
+        w.log_joint[draws, xs], w.log_q[draws, xs], w.log_prior[draws, xs] = ll + log_prior, log_q, log_prior
+    return w
+
+
+def importance_samples(method: Method, x: Tensor, k: int, rows: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+    """``k`` samples of ``method``'s own encoder per x: ``log p(x, z) (k, N)``, the exact
+    ``log q(z|x) (k, N)`` and ``z (k, N, d)`` (which grows with ``k``: for large ``k`` use
+    ``importance_weights``)."""
+    lj, lq, z_k = x.new_empty(k, x.shape[0]), x.new_empty(k, x.shape[0]), None
+    propose = flow_proposal(method.encode_with_log_q)
+    for draws, xs, z, ll, log_q in _draws(propose, method.decoder.log_prob, x, k, rows):
+        if z_k is None:
+            z_k = z.new_empty(k, x.shape[0], z.shape[-1])
+        z_k[draws, xs], lj[draws, xs], lq[draws, xs] = z, ll + std_normal_log_prob(z), log_q
+    return lj, lq, z_k
+
+
+def _importance_bounds(method: Method, x: Tensor, cfg: Config) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Per-x bounds from importance sampling, keyed by their metric name, and the metrics.
+
+    The encoder's own samples give the exact-log-q ELBO and IWAE-``iwae_k`` (the diffusion encoder
+    through its flow's Jacobian, up to ``exact_logq_max_dim``); a Gaussian with closed-form
+    ``log q`` (the VAE's encoder, the diffusion encoder's head) also gives IWAE-``iwae_k_gaussian``.
     """
-    mu, log_std = method.amortised.head(x)
-    elbos = []
-    for _ in range(samples):
-        z = mu + log_std.exp() * torch.randn_like(mu)
-        elbos.append(method.decoder.log_prob(x, z) + std_normal_log_prob(z) - gaussian_log_q(z, mu, log_std))
-    return torch.stack(elbos).mean(0)
-
-
-def _evidence(method: Method, x: Tensor, elbo: Tensor, elbo_exact: Tensor | None, iwae: Tensor | None,
-              cfg: Config) -> dict[str, float]:
-    """AIS ``log p(x)`` on ``x`` (the first test examples), its stability, and the bounds' gaps to it."""
     ev = cfg.eval
+    rows = ev.iwae_rows
+    k_gauss = ev.iwae_k_gaussian
+    log_lik = method.decoder.log_prob
+    bounds: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
+    own = None
+    if isinstance(method, GaussianVAE):
+        own = importance_weights(gaussian_proposal(method.encoder), log_lik, x, max(ev.iwae_k, k_gauss), rows)
+    elif cfg.model.latent_dim <= ev.exact_logq_max_dim:
+        t0 = time.perf_counter()
+        own = importance_weights(flow_proposal(method.encode_with_log_q), log_lik, x, ev.iwae_k, rows)
+        out["exact_logq_seconds"] = time.perf_counter() - t0
+    if own is not None:
+        bounds["elbo_exact_logq_nats"] = own.elbo()
+        bounds[f"iwae_{ev.iwae_k}_nats"] = own.iwae(ev.iwae_k)
+        out["rate_exact_logq_nats"] = own.rate().mean().item()
+        if isinstance(method, GaussianVAE) and k_gauss > ev.iwae_k:
+            bounds[f"iwae_{k_gauss}_nats"] = own.iwae()
+    if isinstance(method, DiffusionEM) and method.amortised.head is not None:
+        # the encoder's Gaussian head alone (the diffusion residual switched off): what the diffusion
+        # adds over the amortised Gaussian it is built on (docs/method.md §10)
+        head = importance_weights(gaussian_proposal(method.amortised.head), log_lik, x,
+                                  max(ev.elbo_samples, k_gauss), rows)
+        bounds["elbo_base_only_nats"] = head.elbo()
+        if k_gauss > 0:
+            bounds[f"iwae_base_only_{k_gauss}_nats"] = head.iwae()
+    out.update({key: value.mean().item() for key, value in bounds.items()})
+    return bounds, out
+
+
+def _evidence(method: Method, x: Tensor, bounds: dict[str, Tensor], cfg: Config) -> dict[str, Any]:
+    """AIS ``log p(x)`` on ``x`` (the first test examples), grown until no bound on the same x is
+    above it, its stability, and the bounds' gaps to it."""
+    ev = cfg.eval
+    k = x.shape[0]
     settings = AISSettings(temperatures=ev.ais_temperatures, particles=ev.ais_particles, moves=ev.ais_moves,
                            step_size=ev.ais_step_size, batch_size=ev.batch_size)
+    max_temps = max(ev.ais_temperatures, ev.ais_max_temperatures)
+    tolerance = ev.ais_ladder_tolerance
+    # the check is against the bound with the highest mean on these x (IWAE, when there is one)
+    best = max(bounds, key=lambda name: bounds[name][:k].mean().item())
     gen = torch.Generator(device=x.device).manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    log_px = ais_log_px(method.decoder.log_prob, x, cfg.model.latent_dim, settings, gen)
-    k = x.shape[0]
-    out = {
+    res = ais_until_converged(method.decoder.log_prob, x, cfg.model.latent_dim, settings, bounds[best][:k],
+                              max_temps, gen, ev.ais_check_temperatures, tolerance)
+    log_px = res.log_px
+    out: dict[str, Any] = {
         "ais_log_px_nats": log_px.mean().item(),
         "ais_log_px_stderr_nats": (log_px.std() / k**0.5).item() if k > 1 else 0.0,
-        "ais_gap_nats": (log_px - elbo[:k]).mean().item(),
-        "ais_seconds": time.perf_counter() - t0,
         "n_ais": k,
-        "ais_temperatures": ev.ais_temperatures,
+        "ais_temperatures": res.temperatures,
+        "ais_rounds": res.rounds,
+        "ais_bound": best,
+        "ais_minus_bound_nats": res.minus_bound_nats,
+        "ais_minus_bound_se_nats": res.minus_bound_se_nats,
+        "ais_converged": res.converged,
     }
-    if elbo_exact is not None:
-        m = min(k, elbo_exact.shape[0])
-        out["ais_gap_exact_logq_nats"] = (log_px[:m] - elbo_exact[:m]).mean().item()
-    if iwae is not None:
-        m = min(k, iwae.shape[0])
-        out[f"ais_gap_iwae_{ev.iwae_k}_nats"] = (log_px[:m] - iwae[:m]).mean().item()
-    if ev.ais_check_temperatures > 0:
-        short = AISSettings(**{**settings.__dict__, "temperatures": ev.ais_check_temperatures})
-        check = ais_log_px(method.decoder.log_prob, x, cfg.model.latent_dim, short, gen)
-        # a lower bound that tightens with the ladder: this difference says how far from converged
-        out["ais_ladder_change_nats"] = (log_px - check).mean().item()
-        out["ais_check_temperatures"] = ev.ais_check_temperatures
+    gaps = {"elbo_nats": "ais_gap_nats", "elbo_exact_logq_nats": "ais_gap_exact_logq_nats",
+            f"iwae_{ev.iwae_k}_nats": f"ais_gap_iwae_{ev.iwae_k}_nats"}
+    out.update({gap: (log_px - bounds[name][:k]).mean().item() for name, gap in gaps.items() if name in bounds})
+    # a lower bound that tightens with the ladder: the change from the shorter ladder on the same x (the
+    # check ladder, or a grown ladder's previous round) says how far from converged
+    if res.shorter is not None:
+        out["ais_ladder_change_nats"] = (log_px - res.shorter).mean().item()
+        out["ais_check_temperatures"] = res.shorter_temperatures
+    out["ais_seconds"] = time.perf_counter() - t0
     return out
 
 

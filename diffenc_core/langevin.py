@@ -239,5 +239,3 @@ def refine(
             merged[idx] = getattr(sub, name)
             setattr(res, name, merged)
 
-
-e_step = refine  # the name evaluate.py still imports; removed once it calls ``refine``

@@ -10,8 +10,11 @@ import torch
 
 from diffenc_core.config import EncoderConfig, VAEConfig
 from diffenc_core.encoder import DiffusionEncoder
+from diffenc_core.networks import CONV_MIN_SIDE
 from diffenc_core.rate import exact_rate_from_log_q, std_normal_log_prob
+from diffenc_core.sampling import dpmpp_2m
 from diffenc_core.toys import LinearGaussian
+from diffenc_core.vae import gaussian_log_q
 
 torch.set_num_threads(1)
 
@@ -94,14 +97,24 @@ def test_gaussian_head_learns_through_the_eps_loss():
     assert enc.head.net[-1].weight.grad.abs().max() > 0
 
 
-def test_image_encoder_uses_a_conv_embedding_for_images_of_16_pixels_and_more():
-    enc = small_encoder("gaussian", x_dim=256, latent_dim=3, image_shape=(1, 16, 16))
-    assert any(isinstance(m, torch.nn.Conv2d) for m in enc.score.modules())
-    x = torch.rand(4, 256)
-    assert enc.sample(x).shape == (4, 3)
-    assert enc.loss(x, torch.randn(4, 3)).shape == ()
-    small = small_encoder("gaussian", x_dim=64, latent_dim=3, image_shape=(1, 8, 8))
-    assert not any(isinstance(m, torch.nn.Conv2d) for m in small.modules()), "8x8 digits use MLPs"
+def _has_conv(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def test_image_encoder_networks_follow_their_kind():
+    """``auto``: a conv x-network and head for images of CONV_MIN_SIDE px and more, MLPs below (the
+    8x8 digits, 28x28 MNIST's 784-200-200-d MLPs); ``conv`` forces them on any image."""
+    side = CONV_MIN_SIDE
+    big = small_encoder("gaussian", x_dim=side * side, latent_dim=3, image_shape=(1, side, side))
+    assert _has_conv(big.score) and _has_conv(big.head)
+    x = torch.rand(4, side * side)
+    assert big.sample(x).shape == (4, 3)
+    assert big.loss(x, torch.randn(4, 3)).shape == ()
+    for s in (8, 28):
+        assert not _has_conv(small_encoder("gaussian", x_dim=s * s, latent_dim=3, image_shape=(1, s, s)))
+    enc_cfg, vae_cfg = EncoderConfig(x_net="conv", hidden=32, blocks=1), VAEConfig(kind="conv", hidden=32)
+    forced = DiffusionEncoder(256, 3, enc_cfg, vae_cfg, (1, 16, 16))
+    assert _has_conv(forced.score) and _has_conv(forced.head)
 
 
 # ------------------------------------------------------------------------------- training
@@ -143,3 +156,52 @@ def test_training_on_exact_posterior_samples_closes_the_gap(base, max_gap):
     assert sum(losses[-100:]) / 100 < sum(losses[:50]) / 50
     gap = elbo_gap(enc, toy, x_test)
     assert -0.02 < gap < max_gap, gap
+
+
+def _prior_flow_gain(enc: DiffusionEncoder, steps: int) -> float:
+    """The DPM++ flow of the prior's own eps is ``u = c z_T`` (a scalar ``c``: its discretisation)."""
+    one = torch.ones(1, 1, dtype=torch.float64)
+
+    def prior_eps(z, logsnr):
+        return enc.schedule.alpha_sigma(logsnr)[1].reshape(-1, 1) * z
+
+    return float(dpmpp_2m(prior_eps, one, enc.schedule, steps))
+
+
+@pytest.mark.parametrize("latent_dim", [16, 50])
+def test_whitened_log_q_is_the_closed_form_gaussian(latent_dim):
+    """An untrained residual with the whitened base: ``z = mu + std c z_T``, so ``q(z|x)`` is
+    ``N(mu, (c std)^2)`` exactly (whitening log-det included), at the latent sizes MNIST uses."""
+    torch.manual_seed(0)
+    enc = small_encoder("whitened", x_dim=784, latent_dim=latent_dim)
+    for p in enc.head.parameters():  # a head far from the prior: every x its own mean and scale
+        torch.nn.init.normal_(p, std=0.1)
+    x, noise = torch.rand(7, 784), torch.randn(7, latent_dim)
+    z, log_q = enc.log_q(x, noise=noise, steps=10)
+    with torch.no_grad():
+        mu, log_std = enc.head(x)
+    c = _prior_flow_gain(enc, 10)
+    assert abs(c - 1) > 0.01, "the 10-step flow is not the identity: the test sees its Jacobian"
+    torch.testing.assert_close(z, mu + log_std.exp() * c * noise, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_q, gaussian_log_q(z, mu, log_std + math.log(c)), rtol=1e-5, atol=1e-3)
+
+
+def test_gaussian_base_log_q_is_the_per_dimension_affine_density():
+    """The Gaussian base with a zero residual: every dimension's flow is affine, ``z_j = a_j z_T,j + b_j``
+    with its own ``a, b`` per x; ``log q = log N(z_T) - sum log a`` exactly, and it tends to the base
+    Gaussian ``N(mu, std^2)`` as the solver refines (d = 50)."""
+    torch.manual_seed(0)
+    enc = small_encoder("gaussian", x_dim=784, latent_dim=50)
+    for p in enc.head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.rand(5, 784)
+    with torch.no_grad():
+        b = enc.sample(x, steps=10, noise=torch.zeros(5, 50))
+        a = enc.sample(x, steps=10, noise=torch.ones(5, 50)) - b
+        mu, log_std = enc.head(x)
+    noise = torch.randn(5, 50)
+    z, log_q = enc.log_q(x, noise=noise, steps=10)
+    torch.testing.assert_close(z, a * noise + b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(log_q, std_normal_log_prob(noise) - a.log().sum(-1), rtol=1e-5, atol=1e-3)
+    z, log_q = enc.log_q(x, noise=noise, steps=200)
+    assert (log_q - gaussian_log_q(z, mu, log_std)).abs().max() < 0.05

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffenc_core.errors import DivergenceError
-from diffenc_core.langevin import e_step, energy, langevin, log_lik_and_grad
+from diffenc_core.langevin import energy, langevin, log_lik_and_grad, refine
 from diffenc_core.toys import Bimodal, LinearGaussian
 
 torch.set_num_threads(1)
@@ -120,10 +120,10 @@ def test_ula_diverges_and_e_step_recovers_or_raises(lg, xs):
     assert torch.equal(raw.accept, torch.ones_like(raw.accept))
 
     with pytest.raises(DivergenceError, match=r"60 of 60 examples .* after 3 retries"):
-        e_step(lg.log_lik, x, z0, 0.0, steps=20, adjust=False, max_retries=3,
+        refine(lg.log_lik, x, z0, 0.0, steps=20, adjust=False, max_retries=3,
                generator=torch.Generator().manual_seed(1))
 
-    res = e_step(lg.log_lik, x, z0, 0.0, steps=20, adjust=False, max_retries=10,
+    res = refine(lg.log_lik, x, z0, 0.0, steps=20, adjust=False, max_retries=10,
                  generator=torch.Generator().manual_seed(1))
     assert 3 < res.retries <= 10
     assert torch.allclose(res.log_step, torch.full_like(res.log_step, -res.retries * math.log(2)))
@@ -139,7 +139,7 @@ def test_e_step_reruns_only_diverged_examples(lg, xs):
     plain = langevin(lg.log_lik, x, z0, log_step, generator=torch.Generator().manual_seed(1), **kw)
     good = torch.isfinite(plain.z).all(-1)
     assert good.any() and not good.all()
-    res = e_step(lg.log_lik, x, z0, log_step, max_retries=10,
+    res = refine(lg.log_lik, x, z0, log_step, max_retries=10,
                  generator=torch.Generator().manual_seed(1), **kw)
     assert torch.isfinite(res.z).all() and res.retries > 0
     assert torch.equal(res.z[good], plain.z[good])
@@ -149,7 +149,7 @@ def test_e_step_reruns_only_diverged_examples(lg, xs):
 def test_mala_never_diverges(lg, xs):
     x = xs.repeat_interleave(20, 0)
     z0 = torch.randn(x.shape[0], 2, generator=torch.Generator().manual_seed(0))
-    res = e_step(lg.log_lik, x, z0, math.log(1.0), steps=20,
+    res = refine(lg.log_lik, x, z0, math.log(1.0), steps=20,
                  generator=torch.Generator().manual_seed(1))
     assert res.retries == 0
     assert torch.isfinite(res.z).all() and torch.isfinite(res.gap).all()
@@ -220,7 +220,7 @@ def test_decoder_gets_no_grad(frozen, no_grad):
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     z0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(not no_grad):
-        res = e_step(_log_lik(net), x, z0, math.log(0.01), steps=5,
+        res = refine(_log_lik(net), x, z0, math.log(0.01), steps=5,
                      generator=torch.Generator().manual_seed(2))
     assert all(p.grad is None for p in net.parameters())
     assert torch.isfinite(res.z).all() and not res.z.requires_grad
@@ -231,14 +231,14 @@ def test_deterministic_given_seed(lg, xs):
     z0 = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
 
     def run(adjust):
-        return e_step(lg.log_lik, xs, z0, math.log(0.01), steps=10, adjust=adjust,
+        return refine(lg.log_lik, xs, z0, math.log(0.01), steps=10, adjust=adjust,
                       generator=torch.Generator().manual_seed(7))
 
     for adjust in (True, False):
         a, b = run(adjust), run(adjust)
         for name in ("z", "log_step", "accept", "gap", "move"):
             assert torch.equal(getattr(a, name), getattr(b, name))
-    other = e_step(lg.log_lik, xs, z0, math.log(0.01), steps=10,
+    other = refine(lg.log_lik, xs, z0, math.log(0.01), steps=10,
                    generator=torch.Generator().manual_seed(8))
     assert not torch.equal(other.z, run(True).z)
 
@@ -252,7 +252,7 @@ def test_runs_on_cuda(lg, xs):
 
     def run():
         g = torch.Generator(device=dev).manual_seed(0)
-        return e_step(lg_cuda.log_lik, x, z0, math.log(0.01), steps=10, generator=g)
+        return refine(lg_cuda.log_lik, x, z0, math.log(0.01), steps=10, generator=g)
 
     a, b = run(), run()
     assert a.z.device.type == "cuda" and a.log_step.device.type == "cuda"

@@ -252,8 +252,10 @@ def _two_nodes(sets: list[str], *flags: str) -> list[subprocess.CompletedProcess
 
 def test_two_nodes_train_checkpoint_and_resume_one_run(prepared, tmp_path):
     """Two launchers (`torchrun --nnodes 2`, c10d rendezvous) train 20 steps and resume to 40: the same run,
-    tensor for tensor, as two processes of one `diffenc train --nproc 2` trained straight to 40."""
-    sets = _sets(prepared, tmp_path / "runs", "train.checkpoint_every=1000", "em.vae_steps=5", "train.lr_schedule=constant")
+    tensor for tensor, as two processes of one `diffenc train --nproc 2` trained straight to 40 (a constant
+    learning rate: a cosine spans train.steps, which the resume changes)."""
+    sets = _sets(prepared, tmp_path / "runs", "train.checkpoint_every=1000", "em.vae_steps=5",
+                 "train.lr_schedule=constant")
     for flags, steps in (((), 20), (("--resume",), 40)):
         done = _two_nodes([*sets, f"train.steps={steps}", "train.run=nodes"], *flags)
         assert all(r.returncode == 0 for r in done), [r.stderr for r in done]
