@@ -135,11 +135,6 @@ def network_kind(kind: str, image_shape: ImageShape | None, key: str) -> Literal
     return "conv" if kind == "conv" else "mlp"
 
 
-def conv_shape(image_shape: ImageShape | None) -> ImageShape | None:
-    """The image shape, for the networks to choose their kind from (kept for callers that pass it on)."""
-    return image_shape
-
-
 # ------------------------------------------------------------------------------------ decoder
 def _lead_apply(net: nn.Module, z: Tensor, x_dim: int) -> Tensor:
     """``net`` on ``(..., d)``: leading dims (e.g. particles) are flattened into the batch and kept."""
