@@ -278,7 +278,7 @@ class EvalConfig(_Section):
     checkpoint: Literal["best", "last"] = "best"
     # the amortised encoding (reconstructions, latents, its cost): sampler and steps
     sampler: Literal["dpmpp2m", "ddim", "ancestral"] = "ancestral"
-    sampler_steps: int = Field(2, ge=1)
+    sampler_steps: int = Field(1, ge=1)
     # the exact log q (ELBO and IWAE) needs a deterministic flow: these steps of it (DPM++, or DDIM
     # when that is the sampler); the path-bound ELBO uses rate_steps of the ancestral sampler
     logq_steps: int = Field(10, ge=1)

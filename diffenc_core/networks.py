@@ -364,12 +364,24 @@ class ScoreNet(nn.Module):
     def embed_x(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """What the network needs of ``x``, computed once per sampler call: the x-embedding's share of the input
         layer and of every block's FiLM (the layers are linear in their input, so a step then costs only the z
-        and time parts: one time row when the whole batch shares a log-SNR)."""
-        h = self.x_net(x)
-        d = self.latent_dim
-        x_cond = self.x_cond(h)
-        films = [F.linear(x_cond, block.film.weight, block.film.bias) for block in self.blocks]
-        return F.linear(h, self.inp.weight[:, d : d + h.shape[1]], self.inp.bias), films
+        and time parts: one time row when the whole batch shares a log-SNR). Those shares are linear maps of the
+        x-network's last hidden layer, composed into one matrix: one product per x instead of four."""
+        hidden, last = self._x_hidden(x)
+        d, e = self.latent_dim, last.out_features
+        w_in, w_cond = self.inp.weight[:, d : d + e] @ last.weight, self.x_cond.weight @ last.weight
+        b_in = self.inp.weight[:, d : d + e] @ last.bias + self.inp.bias
+        b_cond = self.x_cond.weight @ last.bias + self.x_cond.bias
+        weight = torch.cat([w_in, *(block.film.weight @ w_cond for block in self.blocks)])
+        bias = torch.cat([b_in, *(block.film.weight @ b_cond + block.film.bias for block in self.blocks)])
+        x_in, *films = F.linear(hidden, weight, bias).split([w_in.shape[0]] + [2 * w_in.shape[0]] * len(self.blocks),
+                                                            dim=-1)
+        return x_in, films
+
+    def _x_hidden(self, x: Tensor) -> tuple[Tensor, nn.Linear]:
+        """The x-network's last hidden layer and its final (linear) layer."""
+        if isinstance(self.x_net, ConvTrunk):
+            return self.x_net.convs(x.reshape(x.shape[0], *self.x_net.image_shape)).flatten(1), self.x_net.head
+        return self.x_net[:-1](x), self.x_net[-1]
 
     def forward(
         self, z_t: Tensor, logsnr: Tensor, x: Tensor | None = None, x_emb: tuple[Tensor, list[Tensor]] | None = None
