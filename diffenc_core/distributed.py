@@ -151,16 +151,16 @@ class World:
         return idx if not self.parallel else idx.tensor_split(self.size)[self.rank]
 
     def all_gather_rows(self, *parts: Tensor) -> tuple[Tensor, ...]:
-        """Every rank's rows of each tensor, concatenated in rank order (the whole batch's, on every rank)."""
+        """Every rank's rows of each tensor, concatenated in rank order (the whole batch's, on every rank): one
+        all-gather of the parts packed side by side as float64 (exact for indices below 2^53)."""
         if not self.parallel:
             return parts
-        out = []
-        for part in parts:
-            wire = part.float() if part.dtype == torch.bool else part
-            gathered = [torch.empty_like(wire) for _ in range(self.size)]
-            dist.all_gather(gathered, wire.contiguous())
-            out.append(torch.cat(gathered).to(part.dtype))
-        return tuple(out)
+        widths = [p[0].numel() if p.dim() > 1 else 1 for p in parts]
+        packed = torch.cat([p.reshape(p.shape[0], -1).double() for p in parts], dim=1)
+        gathered = [torch.empty_like(packed) for _ in range(self.size)]
+        dist.all_gather(gathered, packed)
+        columns = torch.cat(gathered).split(widths, dim=1)
+        return tuple(c.reshape(-1, *p.shape[1:]).to(p.dtype) for c, p in zip(columns, parts, strict=True))
 
     # ---------------------------------------------------------------------------- agreement
     def objects(self, obj: Any) -> list[Any]:
