@@ -29,7 +29,7 @@ from benchmarks.mnist import BASE, LONG, raw_dir, train_row, vae_phase_steps
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"budget_s": 30, "n_test": 200, "val_every": 250, "eval": ["eval.ais_temperatures=200",
                                                                        "eval.ais_check_temperatures=100"]},
-    "full": {"budget_s": 240, "n_test": 500, "val_every": 1000, "eval": ["eval.ais_temperatures=400",
+    "full": {"budget_s": 150, "n_test": 500, "val_every": 1000, "eval": ["eval.ais_temperatures=400",
                                                                         "eval.ais_check_temperatures=200",
                                                                         "eval.ais_max_temperatures=800"]},
 }
