@@ -191,7 +191,8 @@ class TrainConfig(_Section):
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_final_ratio: float = Field(0.05, gt=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    # the diffusion encoder evaluation samples from: an exponential moving average of its weights (0 = none)
+    # the diffusion encoder evaluation samples from: an exponential moving average of its weights (0 = none),
+    # its decay ramped as min(ema, (1+n)/(10+n)) over the n EM steps so far
     ema: float = Field(0.999, ge=0.0, lt=1.0)
     seed: int = 0
     threads: int = Field(1, ge=0)

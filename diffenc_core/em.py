@@ -108,8 +108,10 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         for pairs in self.encoder_pairs(x, z_star):
             stats["loss_encoder"] = optim.update(self.losses["encoder"](*pairs), self.opt_encoder, clip=self.clip)
         stats["recon_nll"] = self.m_step(x, z_star, stats.pop("log_lik"))
-        if self.ema is not None:  # the amortised encoder evaluation uses, averaged over steps
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.encoder.parameters()), 1.0 - self.cfg.train.ema)
+        if self.ema is not None:  # the encoder evaluation uses; ramps up so short runs average recent weights
+            n = step - self.vae_steps
+            decay = min(self.cfg.train.ema, (1 + n) / (10 + n))
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.encoder.parameters()), 1.0 - decay)
         return stats
 
     def vae_step(self, x: Tensor) -> dict[str, Tensor]:
