@@ -87,10 +87,11 @@ def main() -> None:
         history = runs.Run(ws.root / "runs" / "vae").history()
         at = converged_at(history) if history is not None else None
         if at is not None:  # the VAE phase ends where the VAE converged within this budget
-            for m_step in ("frozen", "zstar"):
-                name = f"converged phase ({at} steps), {m_step}"
-                sets = [*diffusion, f"em.vae_steps={at}", f"em.m_step={m_step}", f"train.run=converged-{m_step}"]
-                results[name] = pool.submit(train_row, str(ws.root), sets, eval_sets).result()
+            late = {f"converged phase ({at} steps), {m}": pool.submit(
+                train_row, str(ws.root), [*diffusion, f"em.vae_steps={at}", f"em.m_step={m}",
+                                          f"train.run=converged-{m}"], eval_sets) for m in ("frozen", "zstar")}
+            for name, fut in late.items():  # both at once, one per worker
+                results[name] = fut.result()
                 print(f"{name}: ELBO {results[name]['elbo_nats']:.2f}", flush=True)
     rows = [{"schedule": name, **{k: r.get(k) for k in METRICS}} for name, r in results.items()]
     vae_ais = results["vae"].get("ais_log_px_nats")

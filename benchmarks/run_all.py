@@ -308,7 +308,7 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
             vae = enc.get(("VAE (Gaussian)", 1), {})
             d1 = enc.get(("diffusion ancestral", 1), {})
             d10 = enc.get(("diffusion dpmpp2m", 10), {})
-            out.append(f"- **speed** ({stem}): an EM step costs {em['x_vae_step']:.1f}× a VAE step "
+            out.append(f"- **speed** ({stem}): an EM step costs {em['x_vae_step']:.2f}× a VAE step "
                        f"({em['ms_per_batch']:.1f} vs {ph['VAE step']['ms_per_batch']:.1f} ms per batch of "
                        f"{res['batch_size']}); encoding 1000 examples with the default one ancestral step takes "
                        f"{_num(d1.get('ms_per_1000'))} ms ({_num(d1.get('x_vae_encode'))}× the VAE's "
@@ -380,6 +380,9 @@ NOTES = [
     "examples): ±0.05 noise.",
     "- Timings vary with the machine's load: compare ratios measured in the same process (the `x_vae_step` "
     "column), not absolute times across sections or profiles.",
+    "- Each section names the commit it was measured at. Sections older than the headline's ran at earlier "
+    "defaults (lr_encoder 1e-3 for both methods, 10 Langevin steps, 8 encoder updates, no EMA; docs/method.md "
+    "§10): the fixed-decoder, posterior-fidelity and rate–distortion sections and most quick profiles.",
 ]
 
 

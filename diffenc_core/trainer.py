@@ -254,7 +254,7 @@ def _validated(world: distributed.World, on_validate: Callback | None, step: int
 
 
 def _fields(row: dict[str, Any]) -> str:
-    keys = ("epoch", "loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
+    keys = ("epoch", "time_s", "loss_encoder", "loss_vae", "recon_nll", "sync_gap", "accept", "val_neg_elbo")
     return "  ".join(f"{k}={row[k]:.4g}" for k in keys if k in row)
 
 

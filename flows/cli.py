@@ -137,7 +137,7 @@ def train(
         bool, typer.Option(help="continue the run from its last checkpoint (starts it if there is none)")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace the run: every file of the old one is removed")] = False,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    progress: Annotated[bool, typer.Option(help="a progress line every train.log_every steps")] = True,
     live: Annotated[
         Path | None, typer.Option(help="also log every logged step with dvclive into this folder (DVC plots)")
     ] = None,
