@@ -250,19 +250,6 @@ def importance_weights(propose: Proposal, log_lik, x: Tensor, k: int, rows: int 
     return w
 
 
-def importance_samples(method: Method, x: Tensor, k: int, rows: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
-    """``k`` samples of ``method``'s own encoder per x: ``log p(x, z) (k, N)``, the exact
-    ``log q(z|x) (k, N)`` and ``z (k, N, d)`` (which grows with ``k``: for large ``k`` use
-    ``importance_weights``)."""
-    lj, lq, z_k = x.new_empty(k, x.shape[0]), x.new_empty(k, x.shape[0]), None
-    propose = flow_proposal(method.encode_with_log_q)
-    for draws, xs, z, ll, log_q in _draws(propose, method.decoder.log_prob, x, k, rows):
-        if z_k is None:
-            z_k = z.new_empty(k, x.shape[0], z.shape[-1])
-        z_k[draws, xs], lj[draws, xs], lq[draws, xs] = z, ll + std_normal_log_prob(z), log_q
-    return lj, lq, z_k
-
-
 def _importance_bounds(method: Method, x: Tensor, cfg: Config) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Per-x bounds from importance sampling, keyed by their metric name, and the metrics.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from tiny import tiny
 from diffenc_core import config, data, evaluate, trainer
 from diffenc_core.config import EncoderConfig, VAEConfig
 from diffenc_core.encoder import DiffusionEncoder
-from diffenc_core.rate import std_normal_log_prob
 from diffenc_core.sampling import dpmpp_2m
 from diffenc_core.toys import LinearGaussian
 from diffenc_core.vae import gaussian_log_q
@@ -139,16 +137,17 @@ def test_flow_proposal_keeps_every_draw_with_its_own_x():
     torch.testing.assert_close(log_q, gaussian_log_q(z, mu, log_std + math.log(gain)), rtol=0, atol=1e-4)
 
 
-def test_importance_samples_returns_each_draw_with_its_joint():
-    """The per-sample form (``z`` kept): every ``log p(x, z)`` is the decoder's at that draw and x."""
+def test_an_encoders_own_draws_are_weighted_with_their_joint():
+    """An encoder's own draws (``flow_proposal``: one sample and its exact log q per row), in passes of 4
+    rows: for the exact posterior, ``log p(x, z) − log q(z|x)`` is ``log p(x)`` at every draw."""
     toy = LinearGaussian.from_posterior_std(8, [0.09, 0.26], 0.1, seed=0)
     x, _ = toy.sample(6, torch.Generator().manual_seed(3))
     head = _exact_posterior_head(toy)
-    method = SimpleNamespace(
-        encode_with_log_q=lambda xb: (lambda z, lq: (z[0], lq[0]))(*evaluate.gaussian_proposal(head)(xb, 1)),
-        decoder=SimpleNamespace(log_prob=toy.log_lik),
-    )
-    lj, lq, z = evaluate.importance_samples(method, x, 5, rows=4)
-    assert lj.shape == lq.shape == (5, 6) and z.shape == (5, 6, 2)
-    torch.testing.assert_close(lj, toy.log_lik(x, z) + std_normal_log_prob(z))
-    torch.testing.assert_close(lj - lq, toy.log_evidence(x).expand(5, 6), rtol=0, atol=1e-3)
+
+    def one_draw(xb):
+        z, log_q = evaluate.gaussian_proposal(head)(xb, 1)
+        return z[0], log_q[0]
+
+    w = evaluate.importance_weights(evaluate.flow_proposal(one_draw), toy.log_lik, x, 5, rows=4)
+    assert w.log_joint.shape == w.log_q.shape == w.log_prior.shape == (5, 6)
+    torch.testing.assert_close(w.log_joint - w.log_q, toy.log_evidence(x).expand(5, 6), rtol=0, atol=1e-3)
