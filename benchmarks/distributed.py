@@ -8,6 +8,10 @@ dataset fit in memory?
   (8×8, d = 8: small MLPs) and an MNIST-size step (28×28 = 784-dimensional binarised sprites, the MNIST
   benchmark's networks: 784-200-200 MLPs, d = 50, Bernoulli decoder); each rank trains its equal share of
   the global batch and the E-step chains are replicated (one all-gather per EM step);
+* the ceiling of 2 processes: 1 process × 1 thread at half the batch. Two ranks with free communication
+  would each take that step's time for the whole batch, so ``ceiling = time(batch) / time(batch / 2)``;
+* what communication costs: a gloo all-reduce between 2 processes of a few numbers (the per-step agreement)
+  and of each workload's encoder gradients (the EM step's DistributedDataParallel all-reduce), idle cores;
 * time to a fixed validation −ELBO with 1 vs 2 processes, both methods (the target is the best value
   both runs reach; the time is training-step time at the first validation at or below it);
 * peak resident memory (the kernel's high-water mark, VmHWM) of ``prepare`` and ``train`` (1 and 2 processes) on
@@ -53,9 +57,13 @@ PROFILES: dict[str, dict[str, Any]] = {
 WORKLOADS = {"digits": ["data.dataset=digits", "model.latent_dim=8"],
              "mnist-size": ["data.dataset=sprites", "data.image_size=28", "data.count=6000", "data.binarize=dynamic",
                             "model.latent_dim=50", "model.decoder.hidden=200", "model.vae.hidden=200"]}
-LAYOUTS = [("1 process × 1 thread", 1, 1), ("1 process × 2 threads", 1, 2), ("2 processes × 1 thread", 2, 1)]
 BATCH = 128
+HALF = "1 process × 1 thread, half batch"
+LAYOUTS = [("1 process × 1 thread", 1, 1, BATCH), ("1 process × 2 threads", 1, 2, BATCH),
+           ("2 processes × 1 thread", 2, 1, BATCH), (HALF, 1, 1, BATCH // 2)]
+"""(label, processes, threads per process, global batch)"""
 COMMON = [f"train.batch_size={BATCH}"]
+ALLREDUCE_REPS = 200
 POLL_S = 0.2  # how often the ranks' memory high-water marks are read
 SPEED_CAP_S = 60
 """Training seconds a throughput run may take: threads that spin-wait on a core another job holds can
@@ -86,14 +94,14 @@ def train_run(ws: Workspace, name: str, sets: list[str], nproc: int = 1, threads
     return runs.Run(ws.root / "runs" / name).history()
 
 
-def throughput(history: Any, skip: int) -> float:
+def throughput(history: Any, skip: int, batch: int = BATCH) -> float:
     """Examples per second of training-step time after step ``skip`` (first-call costs); after the first
     logged step when a run capped by SPEED_CAP_S did not get that far."""
     rows = history[history["step"] >= skip]
     if len(rows) < 2:
         rows = history.iloc[1:] if len(history) > 2 else history
     first, last = rows.iloc[0], rows.iloc[-1]
-    return BATCH * (last["step"] - first["step"]) / (last["time_s"] - first["time_s"])
+    return batch * (last["step"] - first["step"]) / (last["time_s"] - first["time_s"])
 
 
 def speeds(ws: Workspace, p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,12 +112,12 @@ def speeds(ws: Workspace, p: dict[str, Any]) -> list[dict[str, Any]]:
         for workload, data_sets in WORKLOADS.items():
             for method, sets in methods.items():
                 steps, log_every, skip = p["speed"][workload][method]
-                for layout, nproc, threads in LAYOUTS:
-                    hist = train_run(ws, "speed", [*data_sets, *COMMON, *sets, f"train.steps={steps}",
-                                                   f"train.log_every={log_every}", f"train.val_every={steps}",
-                                                   f"train.checkpoint_every={steps}",
+                for layout, nproc, threads, batch in LAYOUTS:
+                    hist = train_run(ws, "speed", [*data_sets, f"train.batch_size={batch}", *sets,
+                                                   f"train.steps={steps}", f"train.log_every={log_every}",
+                                                   f"train.val_every={steps}", f"train.checkpoint_every={steps}",
                                                    f"train.time_budget_s={SPEED_CAP_S}"], nproc, threads)
-                    rate = throughput(hist, skip)
+                    rate = throughput(hist, skip, batch)
                     measured.setdefault((workload, method, layout), []).append(rate)
                     done = int(hist["step"].max())
                     capped = f" (capped at {SPEED_CAP_S} s: {done} of {steps} steps)" if done < steps else ""
@@ -119,12 +127,79 @@ def speeds(ws: Workspace, p: dict[str, Any]) -> list[dict[str, Any]]:
     for workload in WORKLOADS:
         for method in methods:
             base = statistics.median(measured[(workload, method, LAYOUTS[0][0])])
-            for layout, nproc, threads in LAYOUTS:
+            # free communication: each of 2 ranks takes a half batch's step time for the whole batch
+            ceiling = 2 * statistics.median(measured[(workload, method, HALF)]) / base
+            for layout, nproc, threads, batch in LAYOUTS:
                 rates = measured[(workload, method, layout)]
-                rows.append({"workload": workload, "step": f"{method} step", "layout": layout, "processes": nproc,
-                             "threads": threads, "examples_per_s": statistics.median(rates),
-                             "runs": [round(float(r), 1) for r in rates], "speedup": statistics.median(rates) / base})
+                row = {"workload": workload, "step": f"{method} step", "layout": layout, "processes": nproc,
+                       "threads": threads, "batch": batch, "examples_per_s": statistics.median(rates),
+                       "runs": [round(float(r), 1) for r in rates], "speedup": statistics.median(rates) / base}
+                if layout == HALF:  # it tells a step's time, not a speed-up: a half batch's over a whole one's
+                    row["speedup"] = None
+                    row["step_time_over_whole_batch"] = 1 / ceiling
+                if nproc == 2:
+                    row["ceiling"] = ceiling
+                rows.append(row)
     return rows
+
+
+def allreduce_costs(ws: Workspace) -> list[dict[str, Any]]:
+    """Milliseconds per gloo all-reduce between 2 processes on idle cores: a few numbers (the per-step
+    agreement) and each workload's encoder gradients (the EM step's DDP all-reduce)."""
+    from diffenc_core import data, trainer
+
+    sizes = {"a few numbers (the per-step agreement)": 2}
+    for workload, data_sets in WORKLOADS.items():
+        cfg = ws.config(*data_sets, "train.method=diffusion")
+        manifest = data.load_split(cfg.data.prepared_dir, "train").manifest
+        encoder = trainer.build_method(cfg, manifest).encoder
+        sizes[f"the {workload} encoder's gradients"] = sum(p.numel() for p in encoder.parameters())
+    cmd = [sys.executable, "-m", "benchmarks.distributed", "--allreduce-job", *map(str, sizes.values())]
+    res = subprocess.run(cmd, check=True, env=_env(1), timeout=LAUNCH_TIMEOUT_S, capture_output=True, text=True)
+    ms = json.loads(res.stdout.strip().splitlines()[-1])
+    rows = [{"all_reduce_of": what, "floats": n, "mib": n * 4 / MIB, "ms": t}
+            for (what, n), t in zip(sizes.items(), ms, strict=True)]
+    for r in rows:
+        print(f"all-reduce of {r['all_reduce_of']} ({r['floats']} floats): {r['ms']:.2f} ms", flush=True)
+    return rows
+
+
+def _allreduce_rank(rank: int, port: int, numels: list[int], out: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    times = []
+    for n in numels:
+        t = torch.ones(n)
+        for _ in range(10):  # connection set-up and first-call costs
+            dist.all_reduce(t)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(ALLREDUCE_REPS):
+            dist.all_reduce(t)
+        times.append(1000 * (time.perf_counter() - t0) / ALLREDUCE_REPS)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+def allreduce_job(numels: list[int]) -> list[float]:
+    """Run in a fresh process (``--allreduce-job``): 2 gloo ranks, ms per all-reduce of each size."""
+    import torch.multiprocessing as mp
+
+    from benchmarks.servers import free_port
+
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    ranks = [ctx.Process(target=_allreduce_rank, args=(r, port, numels, out)) for r in range(2)]
+    for r in ranks:
+        r.start()
+    times = out.get(timeout=LAUNCH_TIMEOUT_S)
+    for r in ranks:
+        r.join()
+    return times
 
 
 def time_to_elbo(ws: Workspace, p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -310,7 +385,11 @@ def memory(ws: Workspace, p: dict[str, Any]) -> tuple[list[dict[str, Any]], dict
 def main() -> None:
     ap = arg_parser(__doc__)
     ap.add_argument("--memory-job", nargs="+", help=argparse.SUPPRESS)  # KIND ROOT SET...: one measured job
+    ap.add_argument("--allreduce-job", nargs="+", type=int, help=argparse.SUPPRESS)  # NUMEL...: all-reduce timings
     args = ap.parse_args()
+    if args.allreduce_job:
+        print(json.dumps(allreduce_job(args.allreduce_job)))
+        return
     if args.memory_job:
         kind, root, *sets = args.memory_job
         print(json.dumps(memory_job(kind, root, sets)))
@@ -325,7 +404,9 @@ def main() -> None:
                            "settings": p}
     res["speed"] = speeds(ws, p)
     print("\n## Examples per second\n")
-    print(table(res["speed"], ["workload", "step", "layout", "examples_per_s", "speedup", "runs"], 3), flush=True)
+    print(table(res["speed"], ["workload", "step", "layout", "examples_per_s", "speedup", "ceiling", "runs"], 3),
+          flush=True)
+    res["allreduce"] = allreduce_costs(ws)
     res["time_to_elbo"] = time_to_elbo(ws, p)
     print("\n## Time to a validation −ELBO\n")
     print(table(res["time_to_elbo"], ["workload", "method", "processes", "target_val_neg_elbo", "reached_at_step",

@@ -4,7 +4,8 @@
   the whole EM step with its ``em.encoder_updates``) against one VAE step, same batch;
 * encoder sampling cost against quality for 1–4, 10, 20 and 100 sampler steps (DPM++ and ancestral)
   on a briefly trained encoder: network evaluations, ms per 1 000 examples and that as a multiple
-  of a VAE encoder pass, reconstruction MSE (and the VAE's);
+  of a VAE encoder pass (timed in turns with each setting, so a drift in the machine's speed hits both),
+  reconstruction MSE (and the VAE's);
 * seconds per training epoch against the training-set size and the latent size (persistent
   chains already filled: the first epoch additionally samples the encoder once per example);
 * 1 vs 2 torch threads for a training step and for encoding.
@@ -18,6 +19,7 @@ load average stored with the results.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -52,6 +54,23 @@ def median_seconds(fn: Callable[[], object], reps: int, warm: bool = True) -> fl
         fn()
         ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2]
+
+
+def paired_seconds(fn: Callable[[], object], unit: Callable[[], object], reps: int,
+                   budget_s: float = 1.0) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of ``unit`` timed in turns, so a drift in the machine's speed hits both; at
+    least ``reps`` pairs, more (up to 50) while they fit in about ``budget_s``."""
+    t0 = time.perf_counter()
+    fn()
+    unit()
+    reps = max(reps, min(50, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for f, ts in ((fn, times[0]), (unit, times[1])):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def phases(ws: Workspace, reps: int) -> list[dict]:
@@ -104,7 +123,7 @@ def sampling(ws: Workspace, budget: float, step_counts: list[int], reps: int) ->
     x1000 = x.repeat(math.ceil(1000 / len(x)), 1)[:1000]
     em, em_steps = trained["diffusion"]
     vae, vae_steps = trained["vae"]
-    rows = []
+    rows, vae_seconds = [], []
     with torch.no_grad():
         em.encoder.sample(x, steps=5)  # first-call overheads
         for sampler in ("dpmpp2m", "ancestral"):
@@ -112,18 +131,18 @@ def sampling(ws: Workspace, budget: float, step_counts: list[int], reps: int) ->
                 def enc(xx: torch.Tensor, steps: int = steps, sampler: str = sampler) -> torch.Tensor:
                     return em.encoder.sample(xx, steps=steps, sampler=sampler)
 
-                s = median_seconds(lambda enc=enc: enc(x1000), reps, warm=False)
+                # the unit, one VAE encoder pass, is timed in turns with each sampler setting
+                s, s_vae = paired_seconds(lambda enc=enc: enc(x1000), lambda: vae.encode(x1000), reps)
+                vae_seconds.append(s_vae)
                 torch.manual_seed(0)
                 mse = torch.stack([(em.decoder.mean(enc(x)) - x).pow(2).mean() for _ in range(2)]).mean()
                 rows.append({"encoder": f"diffusion {sampler}", "sampler_steps": steps,
-                             "nfe": em.encoder.nfe(sampler, steps), "ms_per_1000": 1000 * s, "mse": float(mse)})
-        s = median_seconds(lambda: vae.encode(x1000), reps)
+                             "nfe": em.encoder.nfe(sampler, steps), "ms_per_1000": 1000 * s, "mse": float(mse),
+                             "x_vae_encode": s / s_vae})
         torch.manual_seed(0)
         mse = torch.stack([(vae.decoder.mean(vae.encode(x)) - x).pow(2).mean() for _ in range(4)]).mean()
-        rows.append({"encoder": "VAE (Gaussian)", "sampler_steps": 1, "nfe": 1, "ms_per_1000": 1000 * s,
-                     "mse": float(mse)})
-    for r in rows:  # the cost of one VAE encoder pass is the unit
-        r["x_vae_encode"] = r["ms_per_1000"] / rows[-1]["ms_per_1000"]
+        rows.append({"encoder": "VAE (Gaussian)", "sampler_steps": 1, "nfe": 1,
+                     "ms_per_1000": 1000 * statistics.median(vae_seconds), "mse": float(mse), "x_vae_encode": 1.0})
     n_params = {"diffusion_encoder": sum(p.numel() for p in em.encoder.parameters()),
                 "vae_encoder": sum(p.numel() for p in vae.encoder.parameters()),
                 "decoder": sum(p.numel() for p in vae.decoder.parameters()),
