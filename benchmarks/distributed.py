@@ -154,9 +154,7 @@ def allreduce_costs(ws: Workspace) -> list[dict[str, Any]]:
         manifest = data.load_split(cfg.data.prepared_dir, "train").manifest
         encoder = trainer.build_method(cfg, manifest).encoder
         sizes[f"the {workload} encoder's gradients"] = sum(p.numel() for p in encoder.parameters())
-    cmd = [sys.executable, "-m", "benchmarks.distributed", "--allreduce-job", *map(str, sizes.values())]
-    res = subprocess.run(cmd, check=True, env=_env(1), timeout=LAUNCH_TIMEOUT_S, capture_output=True, text=True)
-    ms = json.loads(res.stdout.strip().splitlines()[-1])
+    ms = _allreduce_ms(list(sizes.values()))
     rows = [{"all_reduce_of": what, "floats": n, "mib": n * 4 / MIB, "ms": t}
             for (what, n), t in zip(sizes.items(), ms, strict=True)]
     for r in rows:
@@ -185,8 +183,8 @@ def _allreduce_rank(rank: int, port: int, numels: list[int], out: Any) -> None:
     dist.destroy_process_group()
 
 
-def allreduce_job(numels: list[int]) -> list[float]:
-    """Run in a fresh process (``--allreduce-job``): 2 gloo ranks, ms per all-reduce of each size."""
+def _allreduce_ms(numels: list[int]) -> list[float]:
+    """2 gloo ranks in fresh processes: ms per all-reduce of each size."""
     import torch.multiprocessing as mp
 
     from benchmarks.servers import free_port
@@ -385,11 +383,7 @@ def memory(ws: Workspace, p: dict[str, Any]) -> tuple[list[dict[str, Any]], dict
 def main() -> None:
     ap = arg_parser(__doc__)
     ap.add_argument("--memory-job", nargs="+", help=argparse.SUPPRESS)  # KIND ROOT SET...: one measured job
-    ap.add_argument("--allreduce-job", nargs="+", type=int, help=argparse.SUPPRESS)  # NUMEL...: all-reduce timings
     args = ap.parse_args()
-    if args.allreduce_job:
-        print(json.dumps(allreduce_job(args.allreduce_job)))
-        return
     if args.memory_job:
         kind, root, *sets = args.memory_job
         print(json.dumps(memory_job(kind, root, sets)))

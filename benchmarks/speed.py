@@ -45,9 +45,8 @@ DIGITS = ["data.dataset=digits", "model.latent_dim=8", "train.threads=1"]
 BATCH = 128
 
 
-def median_seconds(fn: Callable[[], object], reps: int, warm: bool = True) -> float:
-    if warm:
-        fn()  # warm-up call
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up call
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
