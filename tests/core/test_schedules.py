@@ -128,6 +128,19 @@ def test_replay_draws_pairs_only_from_examples_with_a_chain():
     assert torch.equal(zs[:, 0].long(), rows), "each z* is its own example's chain"
 
 
+def test_a_new_chain_starts_at_the_step_size_the_other_chains_adapted_to():
+    """Steps adapt only on visits (once an epoch on a large set): a first visit starts where the others got."""
+    cfg = config.load(None, tiny("em.vae_steps=0", "em.step_size=0.01"))
+    method = DiffusionEM(cfg, x_dim=5, n_train=40)
+    idx = torch.tensor([0, 5, 6])
+    assert torch.allclose(method.start_log_step(idx), torch.full((3,), math.log(0.01))), "no chain yet anywhere"
+    method.has_chain[[5, 7, 8]] = True
+    method.log_step[[5, 7, 8]] = torch.tensor([math.log(0.2), math.log(0.4), math.log(0.8)])
+    got = method.start_log_step(idx)
+    assert got[1] == method.log_step[5], "an example with a chain keeps its own step"
+    assert torch.allclose(got[[0, 2]], torch.full((2,), math.log(0.4))), "the mean log step of the chains"
+
+
 def test_encoder_pairs_are_the_batch_then_replayed_chains():
     cfg = config.load(None, tiny("em.vae_steps=0", "em.encoder_updates=3"))
     method = DiffusionEM(cfg, x_dim=5, n_train=40)
