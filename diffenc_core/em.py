@@ -145,7 +145,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         """Each example's adapted MALA step; a chain's first E-step starts at the mean the others adapted to.
 
         Per-example steps adapt only when their example is visited, once an epoch: started at
-        ``em.step_size`` on 55 000 MNIST images they stayed 3-20x too small (acceptance 0.9-1.0) for
+        ``em.step_size`` on 55 000 MNIST images they stayed 3-16x too small (acceptance 0.9-1.0) for
         the whole budget (docs/method.md §11).
         """
         seen = self.has_chain.to(self.log_step.dtype)
