@@ -393,6 +393,13 @@ NOTES = [
     "defaults (lr_encoder 1e-3 for both methods, 10 Langevin steps, 8 encoder updates, no EMA; docs/method.md "
     "§10): the quick profiles of rate–distortion and MNIST, and the dashboard and load sections (which do not "
     "depend on them).",
+    "- Since `b0c3789` a chain's first E-step starts at the mean step size the other chains adapted to, not at "
+    "`em.step_size` (docs/method.md §3, §11). The MNIST sections ran with it; the digits and toy sections before "
+    "it, where every example is revisited every few steps and the change moves `make demo`'s numbers by at most "
+    "0.03 nats.",
+    "- In the MNIST full profile the diffusion rows' VAE phase is half the budget's VAE steps as calibrated on the "
+    "idle machine; with two rows at once a step costs more, so EM gets less than half the budget (the controls' "
+    "`train_seconds` say how much).",
 ]
 
 

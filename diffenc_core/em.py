@@ -81,6 +81,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         trainable = [p for p in self.decoder.parameters() if p.requires_grad]
         self.opt_decoder = optim.adam(trainable, cfg.train.lr_decoder) if trainable else None  # none: a toy's truth
         self.ema = copy.deepcopy(self.encoder).requires_grad_(False) if cfg.train.ema > 0 else None
+        self.ema_behind = False  # the VAE phase trained the head after the average last copied it
         self.examples: Examples | None = None
         # each loss with exactly the modules it trains (what DistributedDataParallel wraps)
         self.losses = {"encoder": LossModule(self.encoder_loss, encoder=self.encoder)}
@@ -118,6 +119,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         """The VAE phase: head and decoder by the reparameterised ELBO, exactly the baseline's step."""
         loss, rec, kl = self.losses["vae"](x)
         optim.update(loss, *self.optimizers(), clip=self.clip)
+        self.ema_behind = True  # the average starts with EM; until then it is the encoder (see ``amortised``)
         return {"loss_vae": loss.detach(), "recon_nll": rec.mean(), "rate": kl.mean(), **self.decoder_stats()}
 
     # ------------------------------------------------------------------------- 1. E-step
@@ -273,6 +275,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
 
     # -------------------------------------------------------------------------- checkpoint
     def state(self) -> dict[str, Any]:
+        self.catch_up_ema()
         return {
             "models": self.state_dict(),
             "optimizers": {
@@ -290,7 +293,16 @@ class DiffusionEM(DataParallelMethod, nn.Module):
     # ------------------------------------------------------- the amortised encoder, for eval
     @property
     def amortised(self) -> DiffusionEncoder:
+        """The encoder evaluation uses: the weights' average (§3), which is the encoder itself until EM starts."""
+        self.catch_up_ema()
         return self.ema if self.ema is not None else self.encoder
+
+    def catch_up_ema(self) -> None:
+        """In the VAE phase the average is the encoder, copied when read (validation, checkpoints); without
+        this, validation in the VAE phase scored the untrained initial head (-ELBO 465-650 on MNIST)."""
+        if self.ema is not None and self.ema_behind:
+            self.ema.load_state_dict(self.encoder.state_dict())
+            self.ema_behind = False
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

@@ -141,6 +141,20 @@ def test_a_new_chain_starts_at_the_step_size_the_other_chains_adapted_to():
     assert torch.allclose(got[[0, 2]], torch.full((2,), math.log(0.4))), "the mean log step of the chains"
 
 
+def test_until_em_starts_the_encoders_average_is_the_encoder():
+    """Validation and checkpoints in the VAE phase see the trained head, not the average's initial copy."""
+    method = DiffusionEM(config.load(None, tiny("em.vae_steps=5")), x_dim=5, n_train=40)
+    initial = {k: v.clone() for k, v in method.encoder.head.state_dict().items()}
+    x = torch.rand(16, 5)
+    for step in range(3):
+        method.train_step(step, torch.arange(16), x)
+    head = method.encoder.head.state_dict()
+    assert not all(torch.equal(initial[k], v) for k, v in head.items()), "the VAE phase trained the head"
+    saved = method.state()["models"]
+    assert all(torch.equal(saved[f"ema.head.{k}"], v) for k, v in head.items())
+    assert all(torch.equal(method.amortised.head.state_dict()[k], v) for k, v in head.items())
+
+
 def test_encoder_pairs_are_the_batch_then_replayed_chains():
     cfg = config.load(None, tiny("em.vae_steps=0", "em.encoder_updates=3"))
     method = DiffusionEM(cfg, x_dim=5, n_train=40)
