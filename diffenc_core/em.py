@@ -151,8 +151,9 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         the whole budget (docs/method.md §11).
         """
         seen = self.has_chain.to(self.log_step.dtype)
-        adapted = (self.log_step * seen).sum() / seen.sum().clamp(min=1.0)  # no chain yet: em.step_size stays
-        return torch.where(self.has_chain[idx] | (seen.sum() == 0), self.log_step[idx], adapted)
+        count = seen.sum()
+        adapted = (self.log_step * seen).sum() / count.clamp(min=1.0)
+        return torch.where(self.has_chain[idx] | (count == 0), self.log_step[idx], adapted)  # none yet: em.step_size
 
     @torch.no_grad()
     def preconditioner(self, x: Tensor) -> Tensor | None:
