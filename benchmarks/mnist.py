@@ -54,6 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 METRICS = ("elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "iwae_1000_nats", "ais_log_px_nats", "ais_gap_nats",
            "ais_ladder_change_nats", "elbo_base_only_nats", "epochs", "train_seconds")
 LONG = 10_000_000  # the step count of a budgeted run: the time budget ends it and paces its cosine
+CALIBRATION_STEPS = 200  # timed VAE steps per worker (~1 s), the median taken
 
 
 def raw_dir(ws: Workspace, given: str | None) -> Path:
@@ -122,18 +123,23 @@ def control_row(root: str, sets: list[str], eval_sets: list[str], diffusion_dir:
             "epochs": fit["train_steps"] * cfg.train.batch_size / len(split), "run_dir": str(run.path)}
 
 
+def vae_step_seconds(root: str, sets: list[str]) -> float:
+    """A VAE step's steady seconds, timed in a worker while every other worker times its own: the load the
+    rows train under (timed on an idle machine, the phase ran 1.4-1.8x longer and EM got 54-118 s of 180)."""
+    import torch
+
+    torch.set_num_threads(1)
+    _, step_s = Workspace(root).step_seconds(*sets, "train.method=vae", reps=CALIBRATION_STEPS)
+    return step_s
+
+
 # ------------------------------------------------------------------------------------- plan
-def vae_phase_steps(ws: Workspace, sets: list[str], seconds: float) -> int:
-    """The VAE's steps in ``seconds`` (its steady step time, measured here): the diffusion rows' VAE phase."""
-    _, step_s = ws.step_seconds(*sets, "train.method=vae")
-    return max(100, int(seconds / step_s))
-
-
-def rows_for(ws: Workspace, p: dict[str, Any], d: int, seed: int, m_step: str) -> dict[str, list[str]]:
-    """The trainings of one latent size and seed: name → settings."""
+def rows_for(p: dict[str, Any], d: int, seed: int, m_step: str, step_s: float) -> dict[str, list[str]]:
+    """The trainings of one latent size and seed: name → settings; the VAE phase is the VAE's steps in
+    ``vae_share`` of the budget at ``step_s`` seconds a step."""
     common = [*BASE, f"model.latent_dim={d}", f"train.seed={seed}", f"train.val_every={p['val_every']}",
               f"train.checkpoint_every={p['val_every']}", f"train.time_budget_s={p['budget_s']}"]
-    phase = vae_phase_steps(ws, common, p["vae_share"] * p["budget_s"])
+    phase = max(100, int(p["vae_share"] * p["budget_s"] / step_s))
     tag = f"d{d}-s{seed}"
     diffusion = [*common, "train.method=diffusion", f"em.vae_steps={phase}", f"train.steps={LONG}"]
     return {f"vae-{tag}": [*common, "train.method=vae", f"train.steps={LONG}", f"train.run=vae-{tag}"],
@@ -155,14 +161,17 @@ def main() -> None:
     data_sets = [*BASE, f"data.raw_dir={raw}"]
     ws.prepare(*data_sets)
     eval_sets = [f"eval.n_test={p['n_test']}", f"eval.ais_n={p['n_test']}", *p["eval"]]
-    plan: dict[str, list[str]] = {}
-    for d, seeds in p["latents"]:
-        for seed in seeds:
-            plan.update(rows_for(ws, p, d, seed, args.m_step))
-    plan = {name: [f"data.raw_dir={raw}", *sets] for name, sets in plan.items()}
     results: dict[str, dict[str, Any]] = {}
     pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn"))
     with pool:
+        plan: dict[str, list[str]] = {}
+        for d, seeds in p["latents"]:
+            sets = [*data_sets, f"model.latent_dim={d}"]
+            step_s = max(pool.map(vae_step_seconds, [str(ws.root)] * args.workers, [sets] * args.workers))
+            print(f"d = {d}: a VAE step takes {1000 * step_s:.2f} ms with {args.workers} rows at once", flush=True)
+            for seed in seeds:
+                plan.update(rows_for(p, d, seed, args.m_step, step_s))
+        plan = {name: [f"data.raw_dir={raw}", *sets] for name, sets in plan.items()}
         t0 = time.perf_counter()
         futures = {name: pool.submit(train_row, str(ws.root), sets, eval_sets) for name, sets in plan.items()}
         for name, fut in futures.items():

@@ -151,6 +151,9 @@ class EncoderConfig(_Section):
     x_embed_dim: int = Field(128, ge=1)
     logsnr_min: float = -8.0
     logsnr_max: float = 12.0
+    # what the score net sees besides (z_t, log-SNR, x): `likelihood` adds the log-target's gradient
+    # through the decoder at the denoised guess (docs/method.md §4)
+    guidance: Literal["none", "likelihood"] = "likelihood"
 
     @model_validator(mode="after")
     def _check(self) -> EncoderConfig:

@@ -180,7 +180,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
 
     def encoder_sample(self, x: Tensor) -> Tensor:
         """``z ~ q_phi(z|x)`` by ``em.init_sampler_steps`` ancestral steps (a sample, not the posterior mean)."""
-        return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="ancestral")
+        return self.encoder.sample(x, steps=self.em.init_sampler_steps, sampler="ancestral", log_lik=self.log_lik)
 
     # ---------------------------------------------------------------- 2. encoder updates
     def encoder_pairs(self, x: Tensor, z_star: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
@@ -203,10 +203,10 @@ class DiffusionEM(DataParallelMethod, nn.Module):
     def encoder_loss(self, x: Tensor, z_star: Tensor) -> Tensor:
         """Denoising on ``(x, z*)``; the Gaussian head by the NLL of ``z*`` or by the ELBO (decoder fixed)."""
         if self.em.head_loss == "nll" or self.encoder.head is None:
-            return self.encoder.loss(x, z_star)
+            return self.encoder.loss(x, z_star, log_lik=self.log_lik)
         with parameters_fixed(self.decoder):  # the decoder learns only in the M-step
             elbo_loss, _, _ = reparameterised_elbo(self.encoder.head, self.decoder, x, self.beta)
-        return self.encoder.loss(x, z_star, fit_head=False) + elbo_loss
+        return self.encoder.loss(x, z_star, fit_head=False, log_lik=self.log_lik) + elbo_loss
 
     # ---------------------------------------------------------------------- 3. M-step
     def m_step(self, x: Tensor, z_star: Tensor, log_lik: Tensor) -> Tensor:
@@ -308,18 +308,22 @@ class DiffusionEM(DataParallelMethod, nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         ev = self.cfg.eval
-        return self.amortised.sample(x, steps=ev.sampler_steps, sampler=ev.sampler)
+        return self.amortised.sample(x, steps=ev.sampler_steps, sampler=ev.sampler, log_lik=self.log_lik)
 
     @torch.no_grad()
     def encode_with_rate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Ancestral samples and the free path-KL bound on the rate (§5)."""
-        return self.amortised.sample_with_rate(x, steps=self.cfg.eval.rate_steps)
+        return self.amortised.sample_with_rate(x, steps=self.cfg.eval.rate_steps, log_lik=self.log_lik)
 
     def encode_with_log_q(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Deterministic-sampler samples with their exact ``log q`` through the Jacobian."""
         ev = self.cfg.eval
         sampler = ev.sampler if ev.sampler != "ancestral" else "dpmpp2m"
-        return self.amortised.log_q(x, steps=ev.logq_steps, sampler=sampler)
+        return self.amortised.log_q(x, steps=ev.logq_steps, sampler=sampler, log_lik=self.log_lik)
+
+    def log_lik(self, x: Tensor, z: Tensor) -> Tensor:
+        """The E-step's tempered log-likelihood ``log p(x|z) / beta``, which a guided score net reads (§4)."""
+        return self.decoder.log_prob(x, z) / self.beta
 
     def encoder_nfe(self) -> int:
         return self.amortised.nfe(self.cfg.eval.sampler, self.cfg.eval.sampler_steps)

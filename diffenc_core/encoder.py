@@ -12,6 +12,8 @@ zero-initialised ``r_phi``, so an untrained encoder is exactly the prior ``N(0, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,8 @@ from diffenc_core.networks import LOG_2PI, GaussianEncoderNet, ImageShape, Score
 from diffenc_core.rate import log_q_deterministic, score_integral, std_normal_log_prob
 from diffenc_core.sampling import DETERMINISTIC_SAMPLERS, SAMPLERS, EpsFn, ancestral
 from diffenc_core.schedule import LogSNRSchedule
+
+LogLik = Callable[[Tensor, Tensor], Tensor]  # (x, z) -> the tempered log p(x|z)^(1/beta) per row
 
 
 class DiffusionEncoder(nn.Module):
@@ -64,7 +68,8 @@ class DiffusionEncoder(nn.Module):
 
     # ------------------------------------------------------------------------------ eps
     def _eps(
-        self, z_t: Tensor, logsnr: Tensor, x_emb: Tensor, mu: Tensor | None, var: Tensor | None
+        self, z_t: Tensor, logsnr: Tensor, x_emb: Tensor, mu: Tensor | None, var: Tensor | None,
+        guide: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
         lam = torch.as_tensor(logsnr, dtype=z_t.dtype, device=z_t.device).reshape(-1)
         lam = lam.expand(z_t.shape[0])
@@ -74,7 +79,37 @@ class DiffusionEncoder(nn.Module):
             base = sigma * (z_t - alpha * mu) / (alpha**2 * var + sigma**2)
         else:
             base = sigma * z_t  # the prior's own eps (§9)
-        return base + self.score(z_t, lam, x_emb=x_emb)
+        g = guide(z_t, alpha) if guide is not None else None
+        return base + self.score(z_t, lam, x_emb=x_emb, guide=g)
+
+    @property
+    def guided(self) -> bool:
+        return self.score.guide is not None
+
+    def _guide(self, x: Tensor, log_lik: LogLik | None) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """``(z_t, alpha) -> g``: the log-target's gradient ``grad log p(z) p(x|z)^(1/beta)`` at the prior's
+        denoised guess ``alpha z_t`` (mapped through the whitening), in the diffusion's own coordinates (§4).
+        Differentiable in ``z_t`` when ``z_t`` carries a graph (the exact log q's Jacobian)."""
+        if not self.guided:
+            return None
+        if log_lik is None:
+            raise ValueError("model.encoder.guidance: likelihood needs the decoder's log-likelihood")
+        with torch.no_grad():
+            mu, log_std = self._head(x) if self.base == "whitened" else (None, None)
+        std = None if log_std is None else log_std.exp()
+
+        def guide(z_t: Tensor, alpha: Tensor) -> Tensor:
+            graph = z_t.requires_grad
+            with torch.enable_grad():
+                guess = alpha * (z_t if graph else z_t.detach())
+                z = guess if std is None else mu + std * guess
+                if not graph:
+                    z = z.detach().requires_grad_(True)
+                target = log_lik(x, z) - 0.5 * z.pow(2).sum(-1)
+                (g,) = torch.autograd.grad(target.sum(), z, create_graph=graph)
+            return g if std is None else std * g
+
+        return guide
 
     def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.head is None:
@@ -82,26 +117,28 @@ class DiffusionEncoder(nn.Module):
             return zeros, zeros
         return self.head(x)
 
-    def eps_fn(self, x: Tensor) -> EpsFn:
+    def eps_fn(self, x: Tensor, log_lik: LogLik | None = None) -> EpsFn:
         """Closure ``(z_t, logsnr) -> eps_hat`` over ``x`` (embedded once).
 
         In the diffusion's own space: ``z`` for the ``none``/``gaussian`` bases, ``u`` for
-        ``whitened``. Row ``i`` of ``z_t`` belongs to ``x_i``.
+        ``whitened``. Row ``i`` of ``z_t`` belongs to ``x_i``. ``log_lik``: the decoder's, for a guided net.
         """
         x_emb = self.score.embed_x(x)
         mu = var = None
         if self.base == "gaussian":
             mu, log_std = self._head(x)
             var = torch.exp(2 * log_std)
+        guide = self._guide(x, log_lik)
 
         def fn(z_t: Tensor, logsnr: Tensor) -> Tensor:
-            return self._eps(z_t, logsnr, x_emb, mu, var)
+            return self._eps(z_t, logsnr, x_emb, mu, var, guide)
 
         return fn
 
     # ----------------------------------------------------------------------------- loss
     def loss(
-        self, x: Tensor, z0: Tensor, generator: torch.Generator | None = None, fit_head: bool = True
+        self, x: Tensor, z0: Tensor, generator: torch.Generator | None = None, fit_head: bool = True,
+        log_lik: LogLik | None = None,
     ) -> Tensor:
         """The plain eps-prediction loss on pairs ``(x, z0)`` (§3 step 2), a scalar.
 
@@ -129,7 +166,7 @@ class DiffusionEncoder(nn.Module):
             target = (z0 - mu.detach()) * torch.exp(-log_std.detach())
             mu = None
         z_t = alpha * target + sigma * noise
-        eps_hat = self._eps(z_t, lam, x_emb, mu, var)
+        eps_hat = self._eps(z_t, lam, x_emb, mu, var, self._guide(x, log_lik))
         return (eps_hat - noise).pow(2).sum(-1).mean() + nll
 
     # -------------------------------------------------------------------------- sampling
@@ -150,11 +187,12 @@ class DiffusionEncoder(nn.Module):
         sampler: str = "dpmpp2m",
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        log_lik: LogLik | None = None,
     ) -> Tensor:
         """``z ~ q(z|x)``, ``(N, d)``, from ``noise`` (or fresh ``N(0, I)``); no gradients."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        eps_fn = self.eps_fn(x)
+        eps_fn = self.eps_fn(x, log_lik)
         z_T = self._noise(x, generator, noise)
         if sampler == "ancestral":
             u, _ = ancestral(eps_fn, z_T, self.schedule, steps, generator)
@@ -173,6 +211,7 @@ class DiffusionEncoder(nn.Module):
         steps: int = 100,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        log_lik: LogLik | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(z, R (N,))``: ancestral samples and the free upper bound on their rate (§5).
 
@@ -181,7 +220,7 @@ class DiffusionEncoder(nn.Module):
         for the remaining part of the rate.
         """
         u, rate = ancestral(
-            self.eps_fn(x), self._noise(x, generator, noise), self.schedule, steps, generator
+            self.eps_fn(x, log_lik), self._noise(x, generator, noise), self.schedule, steps, generator
         )
         white = self._whiten_params(x)
         if white is None:
@@ -198,6 +237,7 @@ class DiffusionEncoder(nn.Module):
         steps: int = 10,
         sampler: str = "dpmpp2m",
         generator: torch.Generator | None = None,
+        log_lik: LogLik | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(z, log q(z|x))`` exactly for the deterministic sampler, via its Jacobian (``d`` backward passes).
 
@@ -206,7 +246,7 @@ class DiffusionEncoder(nn.Module):
         z_T = self._noise(x, generator, noise)
         with torch.no_grad():
             white = self._whiten_params(x)
-        u, log_q = log_q_deterministic(self.eps_fn(x), z_T, self.schedule, steps, sampler)
+        u, log_q = log_q_deterministic(self.eps_fn(x, log_lik), z_T, self.schedule, steps, sampler)
         if white is None:
             return u, log_q.detach()
         mu, log_std = white
@@ -218,6 +258,7 @@ class DiffusionEncoder(nn.Module):
         z0: Tensor,
         n_logsnr: int = 64,
         generator: torch.Generator | None = None,
+        log_lik: LogLik | None = None,
     ) -> Tensor:
         """Forward-form rate diagnostic on ``z0`` (§5), ``(N,)``, no gradients.
 
@@ -225,7 +266,7 @@ class DiffusionEncoder(nn.Module):
         ``z0``; like the path bound this is the rate when ``z0 ~ q(z|x)``.
         """
         with torch.no_grad():
-            eps_fn = self.eps_fn(x)
+            eps_fn = self.eps_fn(x, log_lik)
             white = self._whiten_params(x)
             if white is None:
                 return score_integral(eps_fn, z0, self.schedule, n_logsnr, generator)

@@ -323,6 +323,7 @@ class ScoreNet(nn.Module):
         image_shape: ImageShape | None = None,
         conv_channels: int = 64,
         max_period: float = 100.0,
+        guided: bool = False,
     ):
         super().__init__()
         self.latent_dim = latent_dim
@@ -338,6 +339,8 @@ class ScoreNet(nn.Module):
         self.blocks = nn.ModuleList(_FiLMBlock(hidden, hidden) for _ in range(blocks))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, latent_dim)
+        # the log-target's gradient at the denoised guess, an input beside z_t (docs/method.md §4)
+        self.guide = nn.Linear(latent_dim, hidden, bias=False) if guided else None
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -359,6 +362,7 @@ class ScoreNet(nn.Module):
             enc_cfg.time_embed_dim,
             enc_cfg.x_embed_dim,
             image_shape if conv else None,
+            guided=enc_cfg.guidance == "likelihood",
         )
 
     def embed_x(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -384,7 +388,8 @@ class ScoreNet(nn.Module):
         return self.x_net[:-1](x), self.x_net[-1]
 
     def forward(
-        self, z_t: Tensor, logsnr: Tensor, x: Tensor | None = None, x_emb: tuple[Tensor, list[Tensor]] | None = None
+        self, z_t: Tensor, logsnr: Tensor, x: Tensor | None = None, x_emb: tuple[Tensor, list[Tensor]] | None = None,
+        guide: Tensor | None = None,
     ) -> Tensor:
         if x_emb is None:
             if x is None:
@@ -398,6 +403,10 @@ class ScoreNet(nn.Module):
         d, t0 = self.latent_dim, self.inp.in_features - self.time_embed_dim
         # inp(cat[z_t, x_emb, t_feat]) and film(t_net(t) + x_cond) as sums of their parts
         h = F.linear(z_t, self.inp.weight[:, :d]) + x_in + F.linear(t_feat, self.inp.weight[:, t0:])
+        if self.guide is not None:
+            if guide is None:
+                raise ValueError("a guided ScoreNet needs the guidance gradient")
+            h = h + self.guide(guide)
         t_cond = self.t_net(t_feat)
         for block, x_film in zip(self.blocks, x_films, strict=True):
             h = block(h, x_film + F.linear(t_cond, block.film.weight))

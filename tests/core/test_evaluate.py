@@ -122,7 +122,7 @@ def test_flow_proposal_keeps_every_draw_with_its_own_x():
     """m draws of 5 different x through the encoder's flow in one batch: each draw's exact log q is its
     own x's closed form (an untrained whitened encoder: q = N(mu, (c std)^2), c the flow's gain)."""
     torch.manual_seed(0)
-    enc = DiffusionEncoder(8, 3, EncoderConfig(hidden=16, blocks=1, time_embed_dim=8, x_embed_dim=8),
+    enc = DiffusionEncoder(8, 3, EncoderConfig(hidden=16, blocks=1, time_embed_dim=8, x_embed_dim=8, guidance="none"),
                            VAEConfig(hidden=16, depth=1), zero_head=False)
     x = torch.randn(5, 8)
     z, log_q = evaluate.flow_proposal(functools.partial(enc.log_q, steps=10))(x, 4)

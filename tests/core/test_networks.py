@@ -123,7 +123,7 @@ def test_gaussian_encoder_net_zero_init_is_the_prior(image_shape):
 @pytest.mark.parametrize("image_shape", [None, (1, 8, 8), (3, 16, 16)])
 def test_score_net_shapes_zero_output_and_embedding_reuse(image_shape):
     x_dim = math.prod(image_shape) if image_shape else 10
-    cfg = EncoderConfig(hidden=32, blocks=2, time_embed_dim=16, x_embed_dim=8)
+    cfg = EncoderConfig(hidden=32, blocks=2, time_embed_dim=16, x_embed_dim=8, guidance="none")
     net = ScoreNet.from_config(x_dim, 4, cfg, image_shape)
     x, z = torch.rand(6, x_dim), torch.randn(6, 4)
     lam = torch.linspace(-8, 12, 6)
