@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 METRICS = ("elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "iwae_1000_nats", "ais_log_px_nats", "ais_gap_nats",
            "ais_ladder_change_nats", "elbo_base_only_nats", "epochs", "train_seconds")
 LONG = 10_000_000  # the step count of a budgeted run: the time budget ends it and paces its cosine
-CALIBRATION_STEPS = 200  # timed VAE steps per worker (~1 s), the median taken
+CALIBRATION_S = 15  # seconds of VAE training per worker that time a step
 
 
 def raw_dir(ws: Workspace, given: str | None) -> Path:
@@ -124,13 +124,23 @@ def control_row(root: str, sets: list[str], eval_sets: list[str], diffusion_dir:
 
 
 def vae_step_seconds(root: str, sets: list[str]) -> float:
-    """A VAE step's steady seconds, timed in a worker while every other worker times its own: the load the
-    rows train under (timed on an idle machine, the phase ran 1.4-1.8x longer and EM got 54-118 s of 180)."""
+    """A VAE step's seconds in a short budgeted run, trained in every worker at once: the rows' own loop (batch
+    draws, binarisation) under their own load. A bare step timed on the idle machine was 1.4-1.8x faster, so the
+    diffusion rows' VAE phase overran and EM got 54-118 s of its 180."""
+    import os
+
     import torch
 
+    from diffenc_core import config, trainer
+
     torch.set_num_threads(1)
-    _, step_s = Workspace(root).step_seconds(*sets, "train.method=vae", reps=CALIBRATION_STEPS)
-    return step_s
+    cfg = config.load(None, [f"data.root={root}/data", f"train.runs_dir={root}/runs", *sets, "train.method=vae",
+                             f"train.steps={LONG}", f"train.time_budget_s={CALIBRATION_S}",
+                             f"train.run=calibration-{os.getpid()}"])
+    run = trainer.train(cfg, "overwrite")
+    status = run.status()
+    shutil.rmtree(run.path)
+    return float(status["elapsed_s"]) / int(status["steps"])
 
 
 # ------------------------------------------------------------------------------------- plan

@@ -137,7 +137,10 @@ def evaluate(cfg: Config, run: runs.Run | None = None) -> dict[str, Any]:
     if hasattr(method.decoder, "sigma"):  # a Gaussian decoder's observation std
         out["sigma_x"] = method.decoder.sigma().item()
     if isinstance(method, DiffusionEM):
-        si = _cat(_batched(lambda xb: method.amortised.score_integral(xb, method.encode(xb), log_lik=method.log_lik), x, bs))
+        def score_integral(xb: Tensor) -> Tensor:
+            return method.amortised.score_integral(xb, method.encode(xb), log_lik=method.log_lik)
+
+        si = _cat(_batched(score_integral, x, bs))
         out["rate_score_integral_nats"] = si.mean().item()
 
     # exact log q (ELBO with the exact rate, IWAE-k) and the Gaussian heads' large-k IWAE; every

@@ -22,7 +22,8 @@ BASES = ["none", "gaussian", "whitened"]
 
 
 def small_encoder(base: str, x_dim: int = 8, latent_dim: int = 2, image_shape=None, hidden=32, guidance="none"):
-    enc_cfg = EncoderConfig(base=base, hidden=hidden, blocks=2, time_embed_dim=32, x_embed_dim=32, guidance=guidance)
+    enc_cfg = EncoderConfig(base=base, hidden=hidden, blocks=2, time_embed_dim=32, x_embed_dim=32,
+                            guidance=guidance)
     return DiffusionEncoder(
         x_dim, latent_dim, enc_cfg, VAEConfig(hidden=hidden, depth=2), image_shape
     )
@@ -112,7 +113,8 @@ def test_image_encoder_networks_follow_their_kind():
     assert big.loss(x, torch.randn(4, 3)).shape == ()
     for s in (8, 28):
         assert not _has_conv(small_encoder("gaussian", x_dim=s * s, latent_dim=3, image_shape=(1, s, s)))
-    enc_cfg, vae_cfg = EncoderConfig(x_net="conv", hidden=32, blocks=1, guidance="none"), VAEConfig(kind="conv", hidden=32)
+    enc_cfg = EncoderConfig(x_net="conv", hidden=32, blocks=1, guidance="none")
+    vae_cfg = VAEConfig(kind="conv", hidden=32)
     forced = DiffusionEncoder(256, 3, enc_cfg, vae_cfg, (1, 16, 16))
     assert _has_conv(forced.score) and _has_conv(forced.head)
 
