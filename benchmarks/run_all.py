@@ -213,7 +213,8 @@ def report_mnist(res: dict[str, Any]) -> list[str]:
         f"Dynamically binarised MNIST (55 000 / 5 000 / 10 000), Bernoulli decoder, 784-200-200-d MLPs, batch 100; "
         f"every row trained {res['budget_s']} s (one thread; two rows at a time, one per core). *vae*: the whole "
         "budget, scored at its best validation checkpoint. *frozen* / *zstar*: a VAE phase of half the budget's VAE "
-        "steps, then EM with the decoder frozen / fitted to z* (the paper's M-step). *control-…*: a Gaussian "
+        "steps (timed under the rows' own load), then EM with the decoder frozen / fitted to z* (the paper's "
+        "M-step), the diffusion encoder guided (docs/method.md §4). *control-…*: a Gaussian "
         "encoder from that run's VAE phase, trained by the ELBO for as long as its EM phase against its final "
         "decoder, frozen (AIS is that decoder's). ELBO: path bound for the diffusion encoder (closed form for a "
         "Gaussian); exact-log-q ELBO and IWAE-32 through the 10-step DPM++ flow; IWAE-1000 for Gaussian encoders; "
@@ -397,9 +398,12 @@ NOTES = [
     "`em.step_size` (docs/method.md §3, §11). The MNIST sections ran with it; the digits and toy sections before "
     "it, where every example is revisited every few steps and the change moves `make demo`'s numbers by at most "
     "0.03 nats.",
-    "- In the MNIST full profile the diffusion rows' VAE phase is half the budget's VAE steps as calibrated on the "
-    "idle machine; with two rows at once a step costs more, so EM gets less than half the budget (the controls' "
-    "`train_seconds` say how much).",
+    "- In the MNIST full profile the diffusion rows' VAE phase is half the budget's VAE steps as a short VAE run "
+    "in every worker at once times them; a row beside another's evaluation still runs its phase longer, so EM gets "
+    "a little less than half the budget (the controls' `train_seconds` say how much).",
+    "- Since `GUIDED` the diffusion encoder reads the posterior's score through the decoder (`model.encoder."
+    "guidance: likelihood`, the default: docs/method.md §4). Sections that name an older commit ran the "
+    "unguided encoder, now `guidance: none`.",
 ]
 
 

@@ -726,6 +726,23 @@ def from_dict(tree: dict[str, Any], source: str = "config", owners: list[tuple[s
         raise ConfigError(_format_error(err, source, owners or [])) from None
 
 
+BEFORE_THEY_EXISTED = {("model", "encoder", "guidance"): "none"}
+"""Settings added since runs and studies began storing theirs, with what the code did before them."""
+
+
+def from_stored(tree: dict[str, Any], source: str = "config") -> Config:
+    """A run's or study's stored settings: a key it predates means what the code did then, not today's default
+    (a run trained before ``model.encoder.guidance`` existed has an unguided score net)."""
+    tree = copy.deepcopy(tree)
+    for path, value in BEFORE_THEY_EXISTED.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] not in node:
+            node[path[-1]] = value
+    return from_dict(tree, source)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a params file: a YAML mapping in UTF-8; anything else is one ConfigError line naming the file."""
     p = Path(path)

@@ -8,6 +8,9 @@ zero-initialised ``r_phi``, so an untrained encoder is exactly the prior ``N(0, 
   form; its zero-initialised head starts at the prior and learns through the same eps-MSE.
 * ``whitened``: the diffusion runs on ``u = (z - mu(x)) / std(x)`` with the prior's base; the head
   is fitted by the Gaussian NLL of the targets and samples are ``z = mu + std u``.
+
+A guided encoder (``model.encoder.guidance: likelihood``) also feeds ``r_phi`` the posterior's score through the
+decoder at the denoised guess (docs/method.md §4): every call then takes the decoder's tempered ``log_lik``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from diffenc_core import checkpoint, data, metrics, plots, runs
-from diffenc_core.config import Config, from_dict
+from diffenc_core.config import Config, from_stored
 from diffenc_core.em import DiffusionEM
 from diffenc_core.errors import CheckpointError, RunError
 from diffenc_core.evidence import AISSettings, ais_until_converged
@@ -46,7 +46,7 @@ def load_method(run: runs.Run, eval_cfg: Config | None = None) -> tuple[Method, 
     if not path.exists():  # a run too short to validate has only last.pt
         path = run.checkpoint_dir / "last.pt"
     state = checkpoint.load(path)
-    cfg = from_dict(state["config"], f"{path}[config]")
+    cfg = from_stored(state["config"], f"{path}[config]")
     if eval_cfg is not None:
         cfg = cfg.model_copy(update={"eval": eval_cfg.eval})
     manifest = data.read_manifest(cfg.data.prepared_dir)

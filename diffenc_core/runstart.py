@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from diffenc_core import config, runs
-from diffenc_core.config import Config, from_dict
+from diffenc_core.config import Config, from_stored
 from diffenc_core.errors import CheckpointError, ConfigError, RunError
 
 Start = Literal["new", "resume", "overwrite"]
@@ -108,7 +108,7 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 def _resolved(tree: dict[str, Any]) -> dict[str, Any]:
     """A run's stored settings with today's defaults filled in (as stored if they no longer validate)."""
     try:
-        return from_dict(tree).to_dict()
+        return from_stored(tree).to_dict()
     except ConfigError:
         return tree
 

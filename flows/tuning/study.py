@@ -93,7 +93,7 @@ def stored(study: optuna.Study) -> Stored | None:
     attrs = study.user_attrs
     if ATTR_CONFIG not in attrs:
         return None
-    cfg = config_mod.from_dict(attrs[ATTR_CONFIG], source=f"study '{study.study_name}' (stored settings)")
+    cfg = config_mod.from_stored(attrs[ATTR_CONFIG], source=f"study '{study.study_name}' (stored settings)")
     return Stored(cfg, int(attrs.get(ATTR_TARGET, cfg.tune.n_trials)))
 
 

@@ -272,3 +272,14 @@ def test_the_result_neutral_keys_are_configuration_keys():
     assert not config.is_free("train.time_budget_s", config.STUDY_FREE)  # it caps every trial
     assert not config.is_free("tune.objective", config.STUDY_FREE) and not config.is_free("train.beta",
                                                                                            config.RESUME_FREE)
+
+
+def test_a_run_stored_before_guidance_existed_reads_as_unguided():
+    """A key a stored run predates means what the code did then (its checkpoint has no guide weights), while a
+    new config gets today's default; a stored value is kept."""
+    tree = config.Config().to_dict()
+    del tree["model"]["encoder"]["guidance"]
+    assert config.from_stored(tree, "old run").model.encoder.guidance == "none"
+    assert config.from_dict(tree).model.encoder.guidance == "likelihood"
+    assert "guidance" not in tree["model"]["encoder"]  # the caller's tree is left as it was
+    assert config.from_stored(config.Config().to_dict()).model.encoder.guidance == "likelihood"
