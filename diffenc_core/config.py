@@ -263,8 +263,10 @@ class EMConfig(_Section):
     # model.encoder.base none, which has no Gaussian head to train)
     vae_steps: int = Field(2000, ge=0)
     # the M-step's latents: frozen (no decoder update), zstar (the paper's, on the E-step's z*),
-    # encoder (the ELBO's decoder gradient, z ~ q_phi(z|x)), head (z from the Gaussian head)
-    m_step: Literal["frozen", "zstar", "encoder", "head"] = "frozen"
+    # encoder (the ELBO's decoder gradient, z ~ q_phi(z|x)), head (z from the Gaussian head);
+    # auto: zstar from 4 000 training examples up, where the decoder learns without overfitting,
+    # else frozen (docs/method.md §11)
+    m_step: Literal["auto", "frozen", "zstar", "encoder", "head"] = "auto"
     # the Gaussian head: elbo (the reparameterised ELBO through the decoder, a reverse KL) or nll
     # (fitted to z*, a forward KL); nothing to fit without a head (model.encoder.base none)
     head_loss: Literal["elbo", "nll"] = "elbo"

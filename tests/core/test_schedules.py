@@ -196,3 +196,14 @@ def test_a_time_budget_paces_the_last_phase_from_where_it_began():
     mid = optim.lr_scale(cfg, 11, 75.0, start, end, phase_start_s=50.0)
     assert mid == pytest.approx(cfg.train.lr_final_ratio + (1 - cfg.train.lr_final_ratio) * 0.5)
     assert optim.lr_scale(cfg, 12, 100.0, start, end, phase_start_s=50.0) == pytest.approx(cfg.train.lr_final_ratio)
+
+
+@pytest.mark.parametrize(("n_train", "fits"), [(1437, "frozen"), (3_999, "frozen"), (4_000, "zstar"),
+                                               (55_000, "zstar")])
+def test_the_default_m_step_is_the_papers_from_four_thousand_training_examples(n_train, fits):
+    """``em.m_step: auto`` (docs/method.md §11): on 1 437 digits every decoder update overfits, on 4 000, 9 600 and
+    55 000 images the paper's M-step wins; an explicit setting is kept whatever the size."""
+    em = DiffusionEM(config.load(None, tiny()), x_dim=64, n_train=n_train)
+    assert em.m_step_latents_from == fits and em.updates_decoder == (fits == "zstar")
+    kept = DiffusionEM(config.load(None, tiny("em.m_step=encoder")), x_dim=64, n_train=n_train)
+    assert kept.m_step_latents_from == "encoder"
