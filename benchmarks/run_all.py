@@ -401,9 +401,14 @@ NOTES = [
     "- In the MNIST full profile the diffusion rows' VAE phase is half the budget's VAE steps as a short VAE run "
     "in every worker at once times them; a row beside another's evaluation still runs its phase longer, so EM gets "
     "a little less than half the budget (the controls' `train_seconds` say how much).",
-    "- Since `GUIDED` the diffusion encoder reads the posterior's score through the decoder (`model.encoder."
+    "- Since `3f1ab6c` the diffusion encoder reads the posterior's score through the decoder (`model.encoder."
     "guidance: likelihood`, the default: docs/method.md §4). Sections that name an older commit ran the "
     "unguided encoder, now `guidance: none`.",
+    "- The speed full profile at `d03f7bf` ran beside the MNIST benchmark's last row on the other core: its paired "
+    "ratios (`x_vae_step`, `x_vae_encode`) hold, its absolute times are high and its 1-vs-2-thread table is "
+    "meaningless (the second thread had no free core).",
+    "- Since `836b947` `em.m_step: auto` fits the decoder to `z*` from 4 000 training examples up (docs/method.md "
+    "§11); below that, as in every digits section, it is `frozen`.",
 ]
 
 
