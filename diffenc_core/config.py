@@ -728,6 +728,17 @@ def from_dict(tree: dict[str, Any], source: str = "config", owners: list[tuple[s
         raise ConfigError(_format_error(err, source, owners or [])) from None
 
 
+ZSTAR_FROM_N_TRAIN = 4_000  # em.m_step auto: lost on 1 437 digits, won on 4 000, 9 600 and 55 000 images (§11)
+
+
+def resolve_m_step(m_step: str, n_train: int) -> str:
+    """``em.m_step`` for a training set of ``n_train``: ``auto`` is the paper's ``zstar`` where the decoder learns
+    without overfitting (``ZSTAR_FROM_N_TRAIN`` examples and up), else ``frozen`` (docs/method.md §11)."""
+    if m_step != "auto":
+        return m_step
+    return "zstar" if n_train >= ZSTAR_FROM_N_TRAIN else "frozen"
+
+
 BEFORE_THEY_EXISTED = {("model", "encoder", "guidance"): "none"}
 """Settings added since runs and studies began storing theirs, with what the code did before them."""
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffenc_core import langevin, optim
+from diffenc_core import config, langevin, optim
 from diffenc_core.config import Config
 from diffenc_core.distributed import DataParallelMethod, LossModule
 from diffenc_core.encoder import DiffusionEncoder
@@ -52,17 +52,6 @@ def parameters_fixed(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-ZSTAR_FROM_N_TRAIN = 4_000  # em.m_step auto: lost on 1 437 digits, won on 4 000, 9 600 and 55 000 images (§11)
-
-
-def resolve_m_step(m_step: str, n_train: int) -> str:
-    """``em.m_step`` for a training set of ``n_train``: ``auto`` is the paper's ``zstar`` where the decoder learns
-    without overfitting (``ZSTAR_FROM_N_TRAIN`` examples and up), else ``frozen`` (docs/method.md §11)."""
-    if m_step != "auto":
-        return m_step
-    return "zstar" if n_train >= ZSTAR_FROM_N_TRAIN else "frozen"
-
-
 class DiffusionEM(DataParallelMethod, nn.Module):
     """Diffusion encoder + decoder + every training example's E-step state."""
 
@@ -78,7 +67,7 @@ class DiffusionEM(DataParallelMethod, nn.Module):
     ):
         super().__init__()
         self.cfg, self.em, self.beta = cfg, cfg.em, cfg.train.beta
-        self.m_step_latents_from = resolve_m_step(cfg.em.m_step, n_train)  # §3.3, ``auto`` by training-set size
+        self.m_step_latents_from = config.resolve_m_step(cfg.em.m_step, n_train)  # §3.3, ``auto`` by training-set size
         self.vae_steps = cfg.vae_phase_steps
         self.clip = cfg.train.grad_clip
         # with a VAE phase the head and decoder start as the VAE baseline's encoder and decoder do
@@ -124,7 +113,8 @@ class DiffusionEM(DataParallelMethod, nn.Module):
         if self.ema is not None:  # the encoder evaluation uses; ramps up so short runs average recent weights
             n = step - self.vae_steps
             decay = min(self.cfg.train.ema, (1 + n) / (10 + n))
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.encoder.parameters()), 1.0 - decay)
+            with torch.no_grad():  # else every average weight grows an autograd chain, one node per step
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.encoder.parameters()), 1.0 - decay)
         return stats
 
     def vae_step(self, x: Tensor) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ replacement once it is done.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -113,6 +114,26 @@ def _resolved(tree: dict[str, Any]) -> dict[str, Any]:
         return tree
 
 
+def as_trained(tree: dict[str, Any], n_train: int | None) -> dict[str, Any]:
+    """Settings as a training reads them, so a changed default it does not read stops no resume: a VAE run
+    reads neither ``em`` nor ``model.encoder``; ``em.m_step: auto`` is what it resolves to for ``n_train``."""
+    tree = copy.deepcopy(tree)
+    if tree.get("train", {}).get("method") == "vae":
+        tree.pop("em", None)
+        tree.get("model", {}).pop("encoder", None)
+    elif n_train is not None and isinstance(tree.get("em"), dict) and "m_step" in tree["em"]:
+        tree["em"]["m_step"] = config.resolve_m_step(tree["em"]["m_step"], n_train)
+    return tree
+
+
+def _n_train(cfg: Config) -> int | None:
+    """The prepared training set's size (None before ``prepare``: the settings then compare as written)."""
+    try:
+        return int(json.loads((Path(cfg.data.prepared_dir) / "manifest.json").read_text())["sizes"]["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class _Stored:
     """What a run folder says about how it was trained and how far: ``params.yaml`` and ``status.json``,
     the checkpoint only for what they lack (runs from before status.json recorded the step), read once."""
@@ -177,7 +198,8 @@ def plan(cfg: Config, start: Start = "new") -> Plan:
                            "--overwrite or name a new one with --set train.run=NAME")
         return Plan(path, False, 0, True, "", f"{path} stopped before its first checkpoint: starting it afresh")
     stored = _Stored(path)
-    changes = changed_keys(_resolved(stored.settings()), cfg.to_dict())
+    n_train = _n_train(cfg)
+    changes = changed_keys(as_trained(_resolved(stored.settings()), n_train), as_trained(cfg.to_dict(), n_train))
     if changes:
         more = f" (and {len(changes) - SHOWN_CHANGES} more)" if len(changes) > SHOWN_CHANGES else ""
         raise ConfigError(
