@@ -114,16 +114,18 @@ def _resolved(tree: dict[str, Any]) -> dict[str, Any]:
         return tree
 
 
-def as_trained(tree: dict[str, Any], n_train: int | None) -> dict[str, Any]:
-    """Settings as a training reads them, so a changed default it does not read stops no resume: a VAE run
-    reads neither ``em`` nor ``model.encoder``; ``em.m_step: auto`` is what it resolves to for ``n_train``."""
-    tree = copy.deepcopy(tree)
-    if tree.get("train", {}).get("method") == "vae":
-        tree.pop("em", None)
-        tree.get("model", {}).pop("encoder", None)
-    elif n_train is not None and isinstance(tree.get("em"), dict) and "m_step" in tree["em"]:
-        tree["em"]["m_step"] = config.resolve_m_step(tree["em"]["m_step"], n_train)
-    return tree
+def as_trained(stored: dict[str, Any], wanted: dict[str, Any], n_train: int | None) -> list[dict[str, Any]]:
+    """Both settings as the training reads them, so a changed default it does not read stops no resume: a VAE
+    run reads neither ``em`` nor ``model.encoder``; ``em.m_step: auto`` is what it resolves to for ``n_train``."""
+    trees = [copy.deepcopy(stored), copy.deepcopy(wanted)]
+    both_vae = all(t.get("train", {}).get("method") == "vae" for t in trees)
+    for tree in trees:
+        if both_vae:
+            tree.pop("em", None)
+            tree.get("model", {}).pop("encoder", None)
+        elif n_train is not None and isinstance(tree.get("em"), dict) and "m_step" in tree["em"]:
+            tree["em"]["m_step"] = config.resolve_m_step(tree["em"]["m_step"], n_train)
+    return trees
 
 
 def _n_train(cfg: Config) -> int | None:
@@ -199,7 +201,7 @@ def plan(cfg: Config, start: Start = "new") -> Plan:
         return Plan(path, False, 0, True, "", f"{path} stopped before its first checkpoint: starting it afresh")
     stored = _Stored(path)
     n_train = _n_train(cfg)
-    changes = changed_keys(as_trained(_resolved(stored.settings()), n_train), as_trained(cfg.to_dict(), n_train))
+    changes = changed_keys(*as_trained(_resolved(stored.settings()), cfg.to_dict(), n_train))
     if changes:
         more = f" (and {len(changes) - SHOWN_CHANGES} more)" if len(changes) > SHOWN_CHANGES else ""
         raise ConfigError(
