@@ -89,17 +89,22 @@ class DiffusionEncoder(nn.Module):
     def guided(self) -> bool:
         return self.score.guide is not None
 
-    def _guide(self, x: Tensor, log_lik: LogLik | None) -> Callable[[Tensor, Tensor], Tensor] | None:
+    def _guide(
+        self, x: Tensor, log_lik: LogLik | None, white: tuple[Tensor, Tensor] | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor] | None:
         """``(z_t, alpha) -> g``: the log-target's gradient ``grad log p(z) p(x|z)^(1/beta)`` at the prior's
         denoised guess ``alpha z_t`` (mapped through the whitening), in the diffusion's own coordinates (§4).
-        Differentiable in ``z_t`` when ``z_t`` carries a graph (the exact log q's Jacobian)."""
+        Differentiable in ``z_t`` when ``z_t`` carries a graph (the exact log q's Jacobian). ``white``: the
+        head's ``(mu, log_std)`` when the caller has them (the loss), so the head runs once."""
         if not self.guided:
             return None
         if log_lik is None:
             raise ValueError("model.encoder.guidance: likelihood needs the decoder's log-likelihood")
-        with torch.no_grad():
-            mu, log_std = self._head(x) if self.base == "whitened" else (None, None)
-        std = None if log_std is None else log_std.exp()
+        mu = std = None
+        if self.base == "whitened":
+            with torch.no_grad():
+                mu, log_std = white if white is not None else self._head(x)
+                mu, std = mu.detach(), log_std.detach().exp()
 
         def guide(z_t: Tensor, alpha: Tensor) -> Tensor:
             graph = z_t.requires_grad
@@ -156,7 +161,7 @@ class DiffusionEncoder(nn.Module):
         alpha, sigma = (v.unsqueeze(-1) for v in self.schedule.alpha_sigma(lam))
         x_emb = self.score.embed_x(x)
         nll = z0.new_zeros(())
-        mu = var = None
+        mu = var = white = None
         target = z0
         if self.base == "gaussian":
             mu, log_std = self._head(x)
@@ -167,9 +172,10 @@ class DiffusionEncoder(nn.Module):
                 nll = 0.5 * ((z0 - mu) * torch.exp(-log_std)).pow(2) + log_std + 0.5 * LOG_2PI
                 nll = nll.sum(-1).mean()
             target = (z0 - mu.detach()) * torch.exp(-log_std.detach())
+            white = mu, log_std
             mu = None
         z_t = alpha * target + sigma * noise
-        eps_hat = self._eps(z_t, lam, x_emb, mu, var, self._guide(x, log_lik))
+        eps_hat = self._eps(z_t, lam, x_emb, mu, var, self._guide(x, log_lik, white))
         return (eps_hat - noise).pow(2).sum(-1).mean() + nll
 
     # -------------------------------------------------------------------------- sampling

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from diffenc_core import config, runs
+from diffenc_core import config, data, runs
 from diffenc_core.config import Config, from_stored
-from diffenc_core.errors import CheckpointError, ConfigError, RunError
+from diffenc_core.errors import CheckpointError, ConfigError, DataError, RunError
 
 Start = Literal["new", "resume", "overwrite"]
 
@@ -131,8 +131,8 @@ def as_trained(stored: dict[str, Any], wanted: dict[str, Any], n_train: int | No
 def _n_train(cfg: Config) -> int | None:
     """The prepared training set's size (None before ``prepare``: the settings then compare as written)."""
     try:
-        return int(json.loads((Path(cfg.data.prepared_dir) / "manifest.json").read_text())["sizes"]["train"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(data.read_manifest(cfg.data.prepared_dir)["sizes"].get("train"))
+    except (DataError, TypeError):
         return None
 
 
