@@ -12,9 +12,10 @@ train at a time, one per core):
   (``checkpoints/vae_phase.pt``), trained by the ELBO for as long as its EM phase, against its final
   decoder, frozen: how much of a win belongs to the diffusion encoder and how much to the schedule.
 
-Columns: test ELBO (path bound for the diffusion encoder, closed form for a Gaussian), exact-log-q ELBO,
-IWAE-k, AIS log p(x) (of each decoder, on the same test images) with its ladder-stability figure,
-AIS − ELBO, epochs, training seconds. The files: ``--raw DIR`` (torchvision's layout, ``DIR/MNIST/raw/``),
+Columns: test ELBO (path bound for the diffusion encoder, closed form for a Gaussian), exact-log-q ELBO and
+IWAE-k (full profile: on the first 500 of the 1 000 test x, for every row), AIS log p(x) (of each decoder, on
+the same test images) with its ladder-stability figure, AIS − ELBO, epochs, training seconds. Each control is
+queued as soon as its diffusion row is done. The files: ``--raw DIR`` (torchvision's layout, ``DIR/MNIST/raw/``),
 else the development copy beside the project (``../shared/data/mnist/*.gz``), unpacked into the workspace.
 
     python -m benchmarks.mnist [--quick] [--raw DIR] [--workers 2]
@@ -26,7 +27,7 @@ import gzip
 import math
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,18 @@ BURDA = [  # Burda, Grosse & Salakhutdinov (2015), Table 1: one stochastic layer
     {"model": "VAE (Burda et al. 2015), k = 1", "log_px_nats": -86.76, "budget": "3 280 epochs, IWAE-5000 log p(x)"},
     {"model": "IWAE (Burda et al. 2015), k = 50", "log_px_nats": -84.78, "budget": "3 280 epochs, IWAE-5000 log p(x)"},
 ]
-# AIS: 400 temperatures x 2 moves x 16 particles on 1 000 test x is ~3.6 min per decoder at d = 50 and lands
-# ~0.13 nats below its converged value; the half-length check ladder says how far (docs/method.md §8)
+# AIS: 400 temperatures x 2 moves x 16 particles on 1 000 test x is ~3 min per decoder at d = 50 and lands
+# ~0.13 nats below its converged value; the half-length check ladder says how far (docs/method.md §8), paired on
+# the first 250 x (on all 1 000 it was 1.5 min more). The guided encoder's exact log q is ~6.5 ms per draw at
+# d = 50 (3.5 min for IWAE-32 on 1 000 x), so the importance bounds of every row use the first 500 test x.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {"budget_s": 30, "latents": [(16, [0])], "n_test": 200, "val_every": 500, "vae_share": 0.5,
               "eval": ["eval.ais_temperatures=200", "eval.ais_check_temperatures=100", "eval.ais_max_temperatures=400",
                        "eval.iwae_k=32"]},
-    "full": {"budget_s": 360, "latents": [(50, [0, 1]), (16, [0])], "n_test": 1000, "val_every": 2000,
+    "full": {"budget_s": 320, "latents": [(50, [0, 1]), (16, [0])], "n_test": 1000, "val_every": 2000,
              "vae_share": 0.5, "eval": ["eval.ais_temperatures=400", "eval.ais_check_temperatures=200",
-                                        "eval.ais_max_temperatures=800", "eval.iwae_k=32"]},
+                                        "eval.ais_check_n=250", "eval.ais_max_temperatures=800", "eval.iwae_k=32",
+                                        "eval.importance_n=500"]},
 }
 METRICS = ("elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "iwae_1000_nats", "ais_log_px_nats", "ais_gap_nats",
            "ais_ladder_change_nats", "elbo_base_only_nats", "epochs", "train_seconds")
@@ -102,7 +106,7 @@ def control_row(root: str, sets: list[str], eval_sets: list[str], diffusion_dir:
     final = checkpoint.load(source.checkpoint_dir / "best.pt")  # the decoder the diffusion row was scored with
     seconds = float(source.status()["elapsed_s"]) - float(phase["elapsed_s"])
     common = [f"data.root={root}/data", f"train.runs_dir={root}/runs", *sets, "train.method=vae",
-              f"train.steps={LONG}", f"train.time_budget_s={seconds}"]
+              f"train.steps={LONG}", f"train.time_budget_s={seconds}", f"train.run=control-{source.path.name}"]
     cfg = config.load(None, common)
     manifest = data.read_manifest(cfg.data.prepared_dir)
     torch.manual_seed(cfg.train.seed)
@@ -183,17 +187,17 @@ def main() -> None:
                 plan.update(rows_for(p, d, seed, args.m_step, step_s))
         plan = {name: [f"data.raw_dir={raw}", *sets] for name, sets in plan.items()}
         t0 = time.perf_counter()
-        futures = {name: pool.submit(train_row, str(ws.root), sets, eval_sets) for name, sets in plan.items()}
-        for name, fut in futures.items():
-            results[name] = fut.result()
-            print(f"{name}: ELBO {results[name]['elbo_nats']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        controls = {f"control-{name}": pool.submit(control_row, str(ws.root), plan[name], eval_sets,
-                                                   results[name]["run_dir"])
-                    for name in plan if not name.startswith("vae-")}
-        for name, fut in controls.items():
-            results[name] = fut.result()
-            print(f"{name}: ELBO {results[name]['elbo_nats']:.2f}", flush=True)
-    rows = [_row(name, r, results) for name, r in results.items()]
+        pending = {pool.submit(train_row, str(ws.root), sets, eval_sets): name for name, sets in plan.items()}
+        while pending:
+            for fut in wait(pending, return_when=FIRST_COMPLETED).done:
+                name = pending.pop(fut)
+                results[name] = fut.result()
+                print(f"{name}: ELBO {results[name]['elbo_nats']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                if name in plan and not name.startswith("vae-"):  # its control needs only its run: queue it now
+                    control = pool.submit(control_row, str(ws.root), plan[name], eval_sets, results[name]["run_dir"])
+                    pending[control] = f"control-{name}"
+    order = [*plan, *(f"control-{name}" for name in plan if not name.startswith("vae-"))]
+    rows = [_row(name, results[name], results) for name in order]
     print("\n## MNIST, dynamically binarised, at equal wall-clock (test x, nats)\n")
     cols = ["row", "latent_dim", "seed", *METRICS]
     print(table(rows, cols, 3))

@@ -303,6 +303,8 @@ class EvalConfig(_Section):
     ais_n: int = Field(200, ge=0)
     ais_temperatures: int = Field(400, ge=2)
     ais_check_temperatures: int = Field(100, ge=0)
+    # the check ladder on the first ais_check_n of those x (0 = all): a paired stability figure needs fewer
+    ais_check_n: int = Field(0, ge=0)
     ais_particles: int = Field(16, ge=1)
     ais_moves: int = Field(2, ge=1)
     ais_step_size: float = Field(0.05, gt=0.0)
@@ -310,6 +312,9 @@ class EvalConfig(_Section):
     iwae_k_gaussian: int = Field(1000, ge=0)
     # (x, draw) pairs per importance-sampling pass: bounds the memory of IWAE and exact-log-q ELBO
     iwae_rows: int = Field(1024, ge=1)
+    # the importance-sampling bounds (exact-log-q ELBO, IWAE) on the first importance_n test x (0 = all):
+    # the diffusion encoder's exact log q costs d backward passes per draw (docs/method.md §8)
+    importance_n: int = Field(0, ge=0)
     # AIS below the best bound on the same x is under-converged: the ladder doubles up to this
     ais_max_temperatures: int = Field(1600, ge=0)
     # nats; > 0 also doubles the ladder while the estimate still rose more than this from the shorter one

@@ -259,13 +259,15 @@ def _importance_bounds(method: Method, x: Tensor, cfg: Config) -> tuple[dict[str
     The encoder's own samples give the exact-log-q ELBO and IWAE-``iwae_k`` (the diffusion encoder
     through its flow's Jacobian, up to ``exact_logq_max_dim``); a Gaussian with closed-form
     ``log q`` (the VAE's encoder, the diffusion encoder's head) also gives IWAE-``iwae_k_gaussian``.
+    All on the first ``importance_n`` x (all by default).
     """
     ev = cfg.eval
     rows = ev.iwae_rows
     k_gauss = ev.iwae_k_gaussian
     log_lik = method.decoder.log_prob
+    x = x[: ev.importance_n or None]
     bounds: dict[str, Tensor] = {}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"n_importance": x.shape[0]}
     own = None
     if isinstance(method, GaussianVAE):
         own = importance_weights(gaussian_proposal(method.encoder), log_lik, x, max(ev.iwae_k, k_gauss), rows)
@@ -300,12 +302,15 @@ def _evidence(method: Method, x: Tensor, bounds: dict[str, Tensor], cfg: Config)
                            step_size=ev.ais_step_size, batch_size=ev.batch_size)
     max_temps = max(ev.ais_temperatures, ev.ais_max_temperatures)
     tolerance = ev.ais_ladder_tolerance
-    # the check is against the bound with the highest mean on these x (IWAE, when there is one)
-    best = max(bounds, key=lambda name: bounds[name][:k].mean().item())
+    # the check is against the bound with the highest mean on the x every bound covers (IWAE, when there
+    # is one); a bound on fewer x (eval.importance_n) is paired with AIS on those x alone
+    bounds = {name: b[:k] for name, b in bounds.items()}
+    common = min(b.shape[0] for b in bounds.values())
+    best = max(bounds, key=lambda name: bounds[name][:common].mean().item())
     gen = torch.Generator(device=x.device).manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    res = ais_until_converged(method.decoder.log_prob, x, cfg.model.latent_dim, settings, bounds[best][:k],
-                              max_temps, gen, ev.ais_check_temperatures, tolerance)
+    res = ais_until_converged(method.decoder.log_prob, x, cfg.model.latent_dim, settings, bounds[best],
+                              max_temps, gen, ev.ais_check_temperatures, tolerance, ev.ais_check_n or None)
     log_px = res.log_px
     out: dict[str, Any] = {
         "ais_log_px_nats": log_px.mean().item(),
@@ -320,12 +325,14 @@ def _evidence(method: Method, x: Tensor, bounds: dict[str, Tensor], cfg: Config)
     }
     gaps = {"elbo_nats": "ais_gap_nats", "elbo_exact_logq_nats": "ais_gap_exact_logq_nats",
             f"iwae_{ev.iwae_k}_nats": f"ais_gap_iwae_{ev.iwae_k}_nats"}
-    out.update({gap: (log_px - bounds[name][:k]).mean().item() for name, gap in gaps.items() if name in bounds})
+    out.update({gap: (log_px[: len(bounds[name])] - bounds[name]).mean().item()
+                for name, gap in gaps.items() if name in bounds})
     # a lower bound that tightens with the ladder: the change from the shorter ladder on the same x (the
     # check ladder, or a grown ladder's previous round) says how far from converged
     if res.shorter is not None:
-        out["ais_ladder_change_nats"] = (log_px - res.shorter).mean().item()
+        out["ais_ladder_change_nats"] = (log_px[: len(res.shorter)] - res.shorter).mean().item()
         out["ais_check_temperatures"] = res.shorter_temperatures
+        out["n_ais_check"] = len(res.shorter)
     out["ais_seconds"] = time.perf_counter() - t0
     return out
 

@@ -79,7 +79,7 @@ class AISResult:
 
     log_px: Tensor  # (N,) at the final ladder
     temperatures: int  # the final ladder
-    shorter: Tensor | None  # (N,) the previous round's (half) ladder, or the check ladder; None: neither ran
+    shorter: Tensor | None  # the previous round's (half) ladder (N,), or the check ladder's (first x); None: neither ran
     shorter_temperatures: int
     rounds: int  # ladders run, the check ladder not counted
     minus_bound_nats: float | None  # mean(AIS − bound) at the final ladder
@@ -90,11 +90,11 @@ class AISResult:
 def _settled(log_px: Tensor, bound: Tensor | None, shorter: Tensor | None, ladder_tolerance: float) -> bool:
     """Not below ``bound`` beyond the noise and, with a tolerance, risen from the shorter ladder by at
     most ``ladder_tolerance`` on average (not discounted by the noise: a noisy rise is no evidence of
-    convergence)."""
-    if bound is not None and is_below(log_px, bound):
+    convergence). ``bound`` and ``shorter`` may cover only the first of the x: each is paired on its own."""
+    if bound is not None and is_below(log_px[: bound.shape[0]], bound):
         return False
     if ladder_tolerance > 0 and shorter is not None:
-        return paired_difference(log_px, shorter)[0] <= ladder_tolerance
+        return paired_difference(log_px[: shorter.shape[0]], shorter)[0] <= ladder_tolerance
     return True
 
 
@@ -108,13 +108,15 @@ def ais_until_converged(
     generator: torch.Generator | None = None,
     check_temperatures: int = 0,
     ladder_tolerance: float = 0.0,
+    check_n: int | None = None,
 ) -> AISResult:
     """AIS on ``x``, the ladder doubled (capped at ``max_temperatures``) until it has settled.
 
-    ``bound`` is the best other lower bound on ``log p(x)`` for the same x (e.g. an IWAE): a converged
-    AIS is not below it. A proposal's IWAE can sit a nat or more below ``log p(x)`` (docs/method.md §8),
+    ``bound`` is the best other lower bound on ``log p(x)`` for the same x, or for the first of them (e.g. an
+    IWAE): a converged AIS is not below it. A proposal's IWAE can sit a nat or more below ``log p(x)`` (docs/method.md §8),
     so a ``ladder_tolerance`` > 0 also asks that the estimate rose by at most that much (nats) from
-    the previous, shorter ladder: the ``check_temperatures`` ladder first, then the previous round.
+    the previous, shorter ladder: the ``check_temperatures`` ladder first (on the first ``check_n`` x, all
+    by default: it only says how stable the estimate is), then the previous round.
     Every round reruns all x with a fresh ladder.
     """
     temps = settings.temperatures
@@ -122,7 +124,8 @@ def ais_until_converged(
     shorter, shorter_temps, rounds = None, 0, 1
     if check_temperatures > 0:
         shorter_temps = check_temperatures
-        shorter = ais_log_px(log_lik, x, z_dim, replace(settings, temperatures=check_temperatures), generator)
+        shorter = ais_log_px(log_lik, x[:check_n], z_dim, replace(settings, temperatures=check_temperatures),
+                             generator)
     while not _settled(log_px, bound, shorter, ladder_tolerance) and temps < max_temperatures:
         shorter, shorter_temps = log_px, temps
         temps = min(2 * temps, max_temperatures)
@@ -131,5 +134,5 @@ def ais_until_converged(
     converged = _settled(log_px, bound, shorter, ladder_tolerance)
     if bound is None:
         return AISResult(log_px, temps, shorter, shorter_temps, rounds, None, None, converged)
-    mean, se = paired_difference(log_px, bound)
+    mean, se = paired_difference(log_px[: bound.shape[0]], bound)
     return AISResult(log_px, temps, shorter, shorter_temps, rounds, mean, se, converged)

@@ -41,8 +41,8 @@ PREFERRED = [
 LOWER_IS_BETTER = ("neg_elbo_nats", "distortion_nats", "mse_amortised", "mse_refined", "sync_gap_nats", "ais_gap_nats",
                    "ais_gap_exact_logq_nats", "ais_gap_iwae_32_nats")
 HIGHER_IS_BETTER = ("elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "ais_log_px_nats")
-SKIP_METRICS = {"method", "beta", "latent_dim", "n_test", "n_iwae", "refine_steps", "n_ais", "ais_temperatures",
-                "ais_check_temperatures", "ais_rounds", "exact_logq_seconds"}
+SKIP_METRICS = {"method", "beta", "latent_dim", "n_test", "n_iwae", "n_importance", "refine_steps", "n_ais",
+                "n_ais_check", "ais_temperatures", "ais_check_temperatures", "ais_rounds", "exact_logq_seconds"}
 
 
 def _scalar(value: Any) -> bool:

@@ -64,6 +64,21 @@ def test_the_base_only_elbo_is_reported_for_the_diffusion_encoder(evaluated):
     assert "elbo_base_only_nats" not in evaluated["vae"]
 
 
+def test_bounds_and_the_check_ladder_on_the_first_x(evaluated, tmp_path):
+    """``eval.importance_n`` and ``eval.ais_check_n``: the exact-log-q bounds and the check ladder on the first
+    test x, each gap to AIS paired on the x its bound covers; the path ELBO and AIS keep every x."""
+    cfg = config.load(None, tiny(f"data.root={tmp_path / 'data'}", f"train.runs_dir={tmp_path / 'runs'}",
+                                 "train.method=vae", "eval.ais_n=40", "eval.importance_n=20", "eval.ais_check_n=10"))
+    data.prepare(cfg.data)
+    m = evaluate.evaluate(cfg, trainer.train(cfg, progress=False))
+    assert (m["n_test"], m["n_importance"], m["n_ais"], m["n_ais_check"]) == (60, 20, 40, 10)
+    full = evaluated["vae"]
+    assert (full["n_importance"], full["n_ais_check"]) == (60, 40)
+    assert m["elbo_nats"] == pytest.approx(full["elbo_nats"])  # the closed-form ELBO: every test x, either way
+    assert m["elbo_exact_logq_nats"] != pytest.approx(full["elbo_exact_logq_nats"], abs=1e-6)
+    assert m["ais_gap_exact_logq_nats"] != pytest.approx(m["ais_log_px_nats"] - m["elbo_exact_logq_nats"], abs=1e-6)
+
+
 def test_a_bernoulli_decoder_is_evaluated_without_sigma_x(tmp_path):
     """Binary pixels, a Bernoulli decoder: every bound and AIS in nats per image, no observation std."""
     cfg = config.load(None, tiny(f"data.root={tmp_path / 'data'}", f"train.runs_dir={tmp_path / 'runs'}",

@@ -51,6 +51,20 @@ def test_ladder_stays_when_no_bound_is_above(linear_gaussian):
     assert (checked.rounds, checked.shorter_temperatures) == (1, 2) and checked.shorter is not None
 
 
+def test_the_check_ladder_and_the_bound_may_cover_only_the_first_x(linear_gaussian):
+    """A stability figure paired on fewer x (``check_n``), a bound on fewer x (``eval.importance_n``): each is
+    compared with AIS on its own x, so a bound far above on those x still grows the ladder."""
+    toy, x, log_px = linear_gaussian
+    settings = AISSettings(temperatures=4, particles=4, moves=1)
+    gen = torch.Generator().manual_seed(7)
+    res = ais_until_converged(toy.log_lik, x, 2, settings, log_px[:10] - 50.0, 32, gen, check_temperatures=2,
+                              check_n=10)
+    assert res.log_px.shape == log_px.shape and res.shorter.shape == (10,) and res.converged is True
+    grown = ais_until_converged(toy.log_lik, x, 2, settings, log_px[:10] + 5.0, 8, gen, check_temperatures=2,
+                                check_n=10)
+    assert (grown.temperatures, grown.converged) == (8, False) and grown.shorter.shape == log_px.shape
+
+
 def test_a_ladder_tolerance_grows_the_ladder_until_it_stops_rising(linear_gaussian):
     """With no bound above it, a short ladder counts as converged by the bound rule alone; a ladder
     tolerance also asks that it rose by at most that much from the previous ladder. Measured (64 x):
