@@ -206,7 +206,8 @@ def main() -> None:
     print(table(wins, list(wins[0]) if wins else ["row"], 3))
     print("\n## Published (Burda et al. 2015)\n")
     print(table(BURDA, ["model", "log_px_nats", "budget"], 5))
-    out = {"profile": "quick" if args.quick else "full", "budget_s": p["budget_s"], "rows": rows,
+    out = {"profile": "quick" if args.quick else "full", "budget_s": p["budget_s"], "n_test": p["n_test"],
+           "eval": eval_sets, "rows": rows,
            "differences": wins, "published": BURDA, "wall_seconds": timer.seconds,
            "load_average_start": timer.load_start}
     print("wrote", write_result("mnist", out, args.quick), f"in {timer.seconds:.0f} s")

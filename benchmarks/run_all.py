@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, table
 from benchmarks.load_report import section
+from benchmarks.mnist import PROFILES as MNIST_PROFILES
 
 BENCHMARKS = ("headline", "mnist", "mnist_schedules", "fixed_decoder", "posterior_fidelity", "rate_distortion", "speed",
               "distributed")
@@ -210,6 +211,10 @@ def report_mnist(res: dict[str, Any]) -> list[str]:
     cols = ["row", "latent_dim", "seed", "elbo_nats", "elbo_exact_logq_nats", "iwae_32_nats", "iwae_1000_nats",
             "ais_log_px_nats", "ais_gap_nats", "ais_ladder_change_nats", "elbo_base_only_nats", "epochs",
             "train_seconds"]
+    # the eval settings the run used (results from before they were written: its profile's)
+    sets = dict(s.split("=", 1) for s in res.get("eval", MNIST_PROFILES[res["profile"]]["eval"]))
+    n_test = res.get("n_test", MNIST_PROFILES[res["profile"]]["n_test"])
+    n_bounds, n_check = int(sets.get("eval.importance_n", 0)) or n_test, int(sets.get("eval.ais_check_n", 0)) or n_test
     return [
         f"Dynamically binarised MNIST (55 000 / 5 000 / 10 000), Bernoulli decoder, 784-200-200-d MLPs, batch 100; "
         f"every row trained {res['budget_s']} s (one thread; two rows at a time, one per core). *vae*: the whole "
@@ -218,9 +223,10 @@ def report_mnist(res: dict[str, Any]) -> list[str]:
         "M-step), the diffusion encoder guided (docs/method.md §4). *control-…*: a Gaussian "
         "encoder from that run's VAE phase, trained by the ELBO for as long as its EM phase against its final "
         "decoder, frozen (AIS is that decoder's). ELBO: path bound for the diffusion encoder (closed form for a "
-        "Gaussian); exact-log-q ELBO and IWAE-32 through the 10-step DPM++ flow; IWAE-1000 for Gaussian encoders; "
-        "AIS 400 temperatures × 2 moves × 16 particles (grown if below a bound), its rise from the half-length "
-        "ladder in `ais_ladder_change_nats`. Test x, nats.", "",
+        f"Gaussian) and AIS on {n_test} test x; exact-log-q ELBO and IWAE-32 through the 10-step DPM++ flow, and "
+        f"IWAE-1000 for Gaussian encoders, on the first {n_bounds} of them; AIS 400 temperatures × 2 moves × 16 "
+        "particles (grown if below a bound), its rise from the half-length ladder (on the first "
+        f"{n_check} x) in `ais_ladder_change_nats`. Nats. Controls queued as soon as their row was done.", "",
         table(res["rows"], cols, 4), "", "**Differences** (nats):", "",
         table(res["differences"], list(res["differences"][0]) if res["differences"] else ["row"], 3), "",
         "**Published** (Burda, Grosse & Salakhutdinov 2015, Table 1; log p(x) by IWAE-5000):", "",

@@ -228,7 +228,9 @@ def _stopped(world: distributed.World, run: runs.Run, step: int, elapsed: float,
              reason: str) -> BaseException:
     """What ends a run that stopped on request, after its checkpoint: Interrupted for a signal, else StopTraining."""
     if code == REQUEST:
-        reason = reason or "stopped on request"
+        # every rank agreed to stop, but the request may have reached another rank than the one that writes the
+        # status (a request file that appeared between their checks): the reason any rank read
+        reason = next((text for text in world.objects(reason) if text), "stopped on request")
         _mark(world, run, "stopped", steps=step, reason=reason)
         return StopTraining(reason)
     interrupted = Interrupted(code, step, run.path, saved=True)

@@ -225,6 +225,17 @@ def test_a_callback_stops_a_run_of_several_processes(prepared, tmp_path):
     assert validated[0][0] == 10 and set(validated[0][1]) == {"val_neg_elbo", "val_rate", "val_distortion", "val_mse"}
 
 
+def test_a_stop_request_one_rank_saw_keeps_its_reason(prepared, tmp_path):
+    """The stop code is agreed by every rank, and so is the reason: rank 0 writes it though rank 1 read it."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(TESTS / "dist_stop.py"), str(prepared), str(tmp_path / "runs")],
+                         capture_output=True, text=True, env=ENV, timeout=LAUNCH_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.splitlines()) == ["rank 0: pruned by rank 1", "rank 1: pruned by rank 1"]
+    status = runs.Run(tmp_path / "runs" / "vae").status()
+    assert (status["state"], status["reason"], status["steps"]) == ("stopped", "pruned by rank 1", 3)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
