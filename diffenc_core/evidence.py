@@ -79,7 +79,7 @@ class AISResult:
 
     log_px: Tensor  # (N,) at the final ladder
     temperatures: int  # the final ladder
-    shorter: Tensor | None  # the previous round's (half) ladder (N,), or the check ladder's (first x); None: neither ran
+    shorter: Tensor | None  # the previous round's (half) ladder (N,), or the check ladder's (its x); None: neither
     shorter_temperatures: int
     rounds: int  # ladders run, the check ladder not counted
     minus_bound_nats: float | None  # mean(AIS − bound) at the final ladder
@@ -113,7 +113,8 @@ def ais_until_converged(
     """AIS on ``x``, the ladder doubled (capped at ``max_temperatures``) until it has settled.
 
     ``bound`` is the best other lower bound on ``log p(x)`` for the same x, or for the first of them (e.g. an
-    IWAE): a converged AIS is not below it. A proposal's IWAE can sit a nat or more below ``log p(x)`` (docs/method.md §8),
+    IWAE): a converged AIS is not below it. A proposal's IWAE can sit a nat or more below ``log p(x)``
+    (docs/method.md §8),
     so a ``ladder_tolerance`` > 0 also asks that the estimate rose by at most that much (nats) from
     the previous, shorter ladder: the ``check_temperatures`` ladder first (on the first ``check_n`` x, all
     by default: it only says how stable the estimate is), then the previous round.
