@@ -114,9 +114,8 @@ def ais_until_converged(
 
     ``bound`` is the best other lower bound on ``log p(x)`` for the same x, or for the first of them (e.g. an
     IWAE): a converged AIS is not below it. A proposal's IWAE can sit a nat or more below ``log p(x)``
-    (docs/method.md §8),
-    so a ``ladder_tolerance`` > 0 also asks that the estimate rose by at most that much (nats) from
-    the previous, shorter ladder: the ``check_temperatures`` ladder first (on the first ``check_n`` x, all
+    (docs/method.md §8), so a ``ladder_tolerance`` > 0 also asks that the estimate rose by at most that much
+    (nats) from the previous, shorter ladder: the ``check_temperatures`` ladder first (on the first ``check_n`` x, all
     by default: it only says how stable the estimate is), then the previous round.
     Every round reruns all x with a fresh ladder.
     """
