@@ -335,8 +335,10 @@ def headlines(results: dict[str, dict[str, Any]]) -> list[str]:
             parts = []
             for toy, row in (("bimodal", bi), ("linear-Gaussian", lg)):
                 if row:
-                    parts.append(f"{toy}: median gap diffusion {_num(row['diffusion'].get('elbo_gap_median_nats'))} "
-                                 f"vs Gaussian {_num(row['vae'].get('elbo_gap_median_nats'))} nats")
+                    d, g = row["diffusion"], row["vae"]
+                    parts.append(f"{toy}: gap mean / median diffusion {_num(d.get('elbo_gap_mean_nats'))} / "
+                                 f"{_num(d.get('elbo_gap_median_nats'))} vs Gaussian "
+                                 f"{_num(g.get('elbo_gap_mean_nats'))} / {_num(g.get('elbo_gap_median_nats'))} nats")
             if bi:
                 parts.append(f"bimodal mode-mass error diffusion {_num(bi['diffusion'].get('mode_mass_error'))} vs "
                              f"Gaussian {_num(bi['vae'].get('mode_mass_error'))} vs raw Langevin "
