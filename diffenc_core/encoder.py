@@ -104,7 +104,7 @@ class DiffusionEncoder(nn.Module):
         if self.base == "whitened":
             with torch.no_grad():
                 mu, log_std = white if white is not None else self._head(x)
-                mu, std = mu.detach(), log_std.detach().exp()
+                mu, std = mu.detach(), log_std.exp()  # the loss's head carries a graph; exp here does not
 
         def guide(z_t: Tensor, alpha: Tensor) -> Tensor:
             graph = z_t.requires_grad
